@@ -1,0 +1,38 @@
+"""Where each profile's artifacts live, and how a stage module is started.
+
+Every stage of profile P writes under runs/P/<stage>/; dvc.yaml names the same paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from shoptune import UserError
+
+RUNS = Path("runs")
+
+
+def stage_dir(profile: str, stage: str) -> Path:
+    return RUNS / profile / stage
+
+
+def checkpoints_dir(profile: str, stage: str) -> Path:
+    """Resumable state of a long stage, kept outside its DVC outputs (DVC clears those)."""
+    return RUNS / profile / ".checkpoints" / stage
+
+
+def entrypoint(recipe: Callable[[str], object], argv: list[str] | None = None) -> None:
+    """Run `recipe(profile)` as a program: one-line errors for user mistakes, exit status 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m {recipe.__module__}")
+    parser.add_argument("--profile", required=True, help="a profile of params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        recipe(args.profile)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

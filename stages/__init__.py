@@ -1,0 +1,1 @@
+"""The pipeline's stages, one recipe per module; dvc.yaml runs them in order."""
