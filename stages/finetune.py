@@ -1,0 +1,147 @@
+"""finetune: (Q)LoRA on the ECInstruct rows with unsloth + trl, merged 16-bit model out.
+
+Recipe (4th place): Qwen2-72B-Instruct loaded in 4 bits (bitsandbytes) by unsloth, LoRA
+on every projection, Alpaca prompt with the EOS token appended, batch 2 x accumulation
+4, 22000 steps, lr 2e-4, adamw_8bit, weight decay 0.01, linear schedule; saved merged
+in 16 bits. Load the 16-bit base with load_in_4bit=True (merging into a pre-quantized
+*-bnb-4bit checkpoint does not give a true 16-bit merge).
+
+Checkpoints go to runs/<profile>/.checkpoints/finetune/<settings digest>/ and a rerun
+resumes from the last one. The loss curve is written as a DVC plot (loss.csv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import unsloth  # noqa: F401  (must be imported before transformers, trl and peft)
+
+from shoptune import UserError, params
+from shoptune.artifacts import atomic_dir, atomic_file, dumps, read_jsonl, write_json
+from shoptune.ecinstruct import alpaca_prompt
+from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
+
+log = logging.getLogger("finetune")
+
+
+@dataclasses.dataclass
+class FinetuneParams:
+    base_model: str
+    max_seq_length: int
+    load_in_4bit: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str]
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: int
+    learning_rate: float
+    warmup_steps: int
+    optim: str
+    weight_decay: float
+    lr_scheduler_type: str
+    logging_steps: int
+    save_steps: int
+    seed: int
+
+
+def finetune(profile: str) -> None:
+    p = params.load(profile, "finetune", FinetuneParams)
+    if not (Path(p.base_model) / "config.json").is_file():
+        raise UserError(f"{p.base_model}: no model here (params: finetune.base_model; see README, 'Models')")
+    data_dir = stage_dir(profile, "dataset")
+    import torch
+    from datasets import Dataset
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    # Model: the base in 4 bits (QLoRA) on a GPU, or as it is on a CPU; LoRA adapters on top.
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=p.base_model,
+        max_seq_length=p.max_seq_length,
+        dtype=None,
+        load_in_4bit=p.load_in_4bit,
+        local_files_only=True,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout,
+        target_modules=p.target_modules,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if torch.cuda.is_available() else False,
+        random_state=p.seed,
+    )
+
+    # Data: the Alpaca prompt with EOS, so the model learns where to stop.
+    def texts(name: str) -> Dataset:
+        rows = read_jsonl(data_dir / name)
+        return Dataset.from_dict({"text": [alpaca_prompt(row, tokenizer.eos_token) for row in rows]})
+
+    train, val = texts("train.jsonl"), texts("val.jsonl")
+
+    # Trainer: resumes from the last checkpoint made with the same settings and data.
+    digest = hashlib.sha256(dumps(dataclasses.asdict(p)).encode())
+    digest.update((data_dir / "train.jsonl").read_bytes())
+    output_dir = checkpoints_dir(profile, "finetune") / digest.hexdigest()[:16]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=train,
+        eval_dataset=val if len(val) else None,
+        args=SFTConfig(
+            output_dir=str(output_dir),
+            dataset_text_field="text",
+            max_length=p.max_seq_length,
+            per_device_train_batch_size=p.per_device_train_batch_size,
+            gradient_accumulation_steps=p.gradient_accumulation_steps,
+            max_steps=p.max_steps,
+            learning_rate=p.learning_rate,
+            warmup_steps=p.warmup_steps,
+            optim=p.optim,
+            weight_decay=p.weight_decay,
+            lr_scheduler_type=p.lr_scheduler_type,
+            logging_steps=p.logging_steps,
+            save_steps=p.save_steps,
+            seed=p.seed,
+            fp16=torch.cuda.is_available() and not torch.cuda.is_bf16_supported(),
+            bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+            report_to="none",
+            disable_tqdm=False,
+        ),
+    )
+    last = get_last_checkpoint(str(output_dir))
+    if last:
+        log.info("resuming from %s", last)
+    result = trainer.train(resume_from_checkpoint=last)
+    val_loss = trainer.evaluate()["eval_loss"] if len(val) else None
+
+    # Outputs: the merged 16-bit model, the loss curve, the final metrics.
+    folder = stage_dir(profile, "finetune")
+    with atomic_dir(folder / "model") as out:
+        model.save_pretrained_merged(str(out), tokenizer, save_method="merged_16bit")
+    with atomic_file(folder / "loss.csv") as out:
+        out.write("step,loss\n")
+        for entry in trainer.state.log_history:
+            if "loss" in entry:
+                out.write(f"{entry['step']},{entry['loss']:.6f}\n")
+    write_json(folder / "metrics.json", {
+        "train_loss": round(result.training_loss, 6),
+        "val_loss": None if val_loss is None else round(val_loss, 6),
+        "steps": trainer.state.global_step,
+        "train_rows": len(train),
+    })
+    shutil.rmtree(output_dir, ignore_errors=True)
+    log.info("merged model in %s; train loss %.4f", folder / "model", result.training_loss)
+
+
+if __name__ == "__main__":
+    entrypoint(finetune)

@@ -1,0 +1,144 @@
+"""infer: ShopBench questions -> predictions, with the recipe's prompts and per-task sampling.
+
+Prompt: the system prompt, a blank line, the question; non-multiple-choice questions end
+with "Do not give explanation only Answer. \\nOutput:\\n". Sampling: multiple choice 1 new
+token at temperature 0.2 (top_p 0.95, top_k 50); other tasks up to 80 new tokens, greedy.
+
+Backends:
+- vllm: the GPU path (the recipe: AWQ model, tensor parallel 4, float16 on T4s without bf16);
+- transformers: CPU (or one GPU). No AWQ kernel runs on a CPU, so there the demo infers
+  with the padded 16-bit model (infer.model: padded) and says so in info.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from shoptune import UserError, params
+from shoptune.artifacts import write_json, write_jsonl
+from shoptune.shopbench import Question, prompt_for, read_questions
+from shoptune.workspace import entrypoint, stage_dir
+
+log = logging.getLogger("infer")
+
+
+@dataclasses.dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+@dataclasses.dataclass
+class InferParams:
+    backend: str
+    model: str
+    questions: str
+    tensor_parallel_size: int
+    dtype: str
+    batch_size: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    seed: int
+    multiple_choice: Sampling
+    other: Sampling
+
+
+def generate_vllm(model_dir: Path, quantized: bool, prompts: list[str], choice: list[bool], p: InferParams) -> list[str]:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(model_dir),
+        tensor_parallel_size=p.tensor_parallel_size,
+        dtype=p.dtype,
+        quantization="awq" if quantized else None,
+        max_model_len=p.max_model_len,
+        gpu_memory_utilization=p.gpu_memory_utilization,
+        seed=p.seed,
+    )
+
+    def sampling(s: Sampling) -> SamplingParams:
+        return SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              seed=p.seed)
+
+    outputs = llm.generate(prompts, [sampling(p.multiple_choice if c else p.other) for c in choice])
+    return [o.outputs[0].text for o in outputs]
+
+
+def generate_transformers(model_dir: Path, prompts: list[str], choice: list[bool], p: InferParams) -> list[str]:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, p.dtype)).to(device).eval()
+    answers: list[str | None] = [None] * len(prompts)
+    for is_choice in (True, False):
+        s = p.multiple_choice if is_choice else p.other
+        indices = [i for i, c in enumerate(choice) if c == is_choice]
+        batches = [indices[i : i + p.batch_size] for i in range(0, len(indices), p.batch_size)]
+        for batch in tqdm(batches, desc="infer " + ("multiple choice" if is_choice else "other"), unit="batch"):
+            torch.manual_seed(p.seed)
+            inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
+                               truncation=True, max_length=p.max_model_len - s.max_new_tokens).to(device)
+            sample = s.temperature > 0
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=s.max_new_tokens,
+                    do_sample=sample,
+                    temperature=s.temperature if sample else None,
+                    top_p=s.top_p if sample else None,
+                    top_k=(s.top_k if s.top_k > 0 else None) if sample else None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, text in zip(batch, texts, strict=True):
+                answers[i] = text
+    return answers
+
+
+def infer(profile: str) -> None:
+    p = params.load(profile, "infer", InferParams)
+    models = {"padded": stage_dir(profile, "pad") / "model", "quantized": stage_dir(profile, "quantize") / "model"}
+    if p.model not in models:
+        raise UserError(f"params.yaml: profiles.{profile}.infer.model: {p.model!r} is not padded or quantized")
+    model_dir = models[p.model]
+    if p.backend == "transformers" and p.model == "quantized":
+        raise UserError("the transformers backend runs no AWQ kernel here: use infer.backend vllm on a GPU, "
+                        "or infer.model padded")
+    questions: list[Question] = read_questions(p.questions)
+    prompts = [prompt_for(q) for q in questions]
+    choice = [q.is_multiple_choice for q in questions]
+    log.info("%d questions (%d multiple choice) with the %s model %s, backend %s",
+             len(questions), sum(choice), p.model, model_dir, p.backend)
+    start = time.perf_counter()
+    if p.backend == "vllm":
+        answers = generate_vllm(model_dir, p.model == "quantized", prompts, choice, p)
+    elif p.backend == "transformers":
+        answers = generate_transformers(model_dir, prompts, choice, p)
+    else:
+        raise UserError(f"params.yaml: profiles.{profile}.infer.backend: {p.backend!r} is not vllm or transformers")
+    seconds = time.perf_counter() - start
+
+    folder = stage_dir(profile, "infer")
+    write_jsonl(folder / "predictions.jsonl",
+                ({"task_name": q.task_name, "prediction": a} for q, a in zip(questions, answers, strict=True)))
+    write_json(folder / "info.json", {
+        "backend": p.backend,
+        "model": p.model,
+        "model_dir": str(model_dir),
+        "note": "" if p.model == "quantized" else "inferred with the padded 16-bit model, not the AWQ one",
+        "questions": len(questions),
+        "seconds": round(seconds, 2),
+    })
+    log.info("%d predictions in %.1f s", len(answers), seconds)
+
+
+if __name__ == "__main__":
+    entrypoint(infer)
