@@ -51,8 +51,16 @@ def read_catalog(path: str | Path) -> list[Product]:
                 raise UserError(f"{path}:{line}: duplicate product {row['id']} in locale {row['locale']}")
             seen.add(key)
             attributes = {a: row[a].strip() for a in ATTRIBUTES if (row[a] or "").strip()}
-            products.append(Product(row["id"], row["locale"], row["title"].strip(), (row["price"] or "").strip(),
-                                    attributes, (row["desc"] or "").strip()))
+            products.append(
+                Product(
+                    row["id"],
+                    row["locale"],
+                    row["title"].strip(),
+                    (row["price"] or "").strip(),
+                    attributes,
+                    (row["desc"] or "").strip(),
+                )
+            )
     if not products:
         raise UserError(f"{path}: no products")
     return products

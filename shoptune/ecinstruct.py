@@ -14,7 +14,11 @@ MULTIPLE_CHOICE_INSTRUCTION = (
     "Reply with the number of the correct option only."
 )
 
-ALPACA_TEMPLATE = """Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_TEMPLATE = ALPACA_PREAMBLE + """
 
 ### Instruction:
 {instruction}
@@ -37,12 +41,15 @@ def options_text(options) -> str:
 
 def alpaca_prompt(row: dict, eos_token: str) -> str:
     """The training text: the Alpaca template with the response and EOS appended."""
-    return ALPACA_TEMPLATE.format(
-        instruction=row["instruction"],
-        input=row["input"],
-        options=options_text(row["options"]),
-        output=row["output"],
-    ) + eos_token
+    return (
+        ALPACA_TEMPLATE.format(
+            instruction=row["instruction"],
+            input=row["input"],
+            options=options_text(row["options"]),
+            output=row["output"],
+        )
+        + eos_token
+    )
 
 
 def from_item(item: dict, task: str, setting: str) -> dict:

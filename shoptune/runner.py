@@ -60,8 +60,17 @@ def definition_digest(image: str, extra: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
-def stage_command(stage: str, profile: str, python: str) -> list[str]:
-    return [python, "-m", f"stages.{stage}", "--profile", profile]
+def stage_command(stage: str, args: list[str], python: str) -> list[str]:
+    return [python, "-m", f"stages.{stage}", *args]
+
+
+def run(stage: str, args: list[str], runner: str, gpus: bool = False) -> int:
+    """Run `python -m stages.<stage> ARGS` in the stage's environment; its exit status."""
+    if runner == "local":
+        return run_local(stage, args)
+    if runner == "docker":
+        return run_docker(stage, args, gpus)
+    raise UserError(f"unknown runner '{runner}' (local or docker)")
 
 
 # ---------------------------------------------------------------- local runner
@@ -89,10 +98,10 @@ def local_python(image: str) -> Path:
     return python
 
 
-def run_local(stage: str, profile: str) -> int:
+def run_local(stage: str, args: list[str]) -> int:
     python = local_python(image_of(stage))
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    process = subprocess.Popen(stage_command(stage, profile, str(python)), env=env)
+    process = subprocess.Popen(stage_command(stage, args, str(python.absolute())), env=env)
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -172,7 +181,7 @@ def ensure_image(client, image: str) -> str:
     return tag
 
 
-def run_docker(stage: str, profile: str, gpus: bool = False) -> int:
+def run_docker(stage: str, args: list[str], gpus: bool = False) -> int:
     import docker
 
     client = docker_client()
@@ -182,7 +191,7 @@ def run_docker(stage: str, profile: str, gpus: bool = False) -> int:
     device_requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else []
     container = client.containers.run(
         tag,
-        stage_command(stage, profile, "python"),
+        stage_command(stage, args, "python"),
         detach=True,
         user=f"{os.getuid()}:{os.getgid()}",
         working_dir=WORKDIR_IN_CONTAINER,
@@ -190,7 +199,7 @@ def run_docker(stage: str, profile: str, gpus: bool = False) -> int:
         environment=environment,
         device_requests=device_requests,
         shm_size="8g" if gpus else None,
-        labels={"shoptune.stage": stage, "shoptune.profile": profile},
+        labels={"shoptune.stage": stage},
     )
     try:
         for chunk in container.logs(stream=True, follow=True):

@@ -108,8 +108,13 @@ def clean(profile: str) -> None:
         "reject_reasons": dict(sorted(Counter(r["code"] for r in rejects).items())),
     }
     write_json(folder / "counts.json", counts)
-    log.info("%d items: %d accepted, %d rejected %s", items_total, len(accepted), len(rejects),
-             counts["reject_reasons"] or "")
+    log.info(
+        "%d items: %d accepted, %d rejected %s",
+        items_total,
+        len(accepted),
+        len(rejects),
+        counts["reject_reasons"] or "",
+    )
 
 
 if __name__ == "__main__":

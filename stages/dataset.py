@@ -1,7 +1,7 @@
 """dataset: accepted items -> ECInstruct rows, merged with extra files, split into train and val.
 
-Synthetic items become multiple-choice ECInstruct rows; each file in `extra` (ECInstruct
-or ShopBench JSON lines) is merged in. Rows that carry their own split keep it ("test"
+Synthetic items become multiple-choice ECInstruct rows; every *.jsonl file in the folder
+`extra` (ECInstruct or ShopBench rows) is merged in. Rows that carry their own split keep it ("test"
 rows are left out of training); the rest are split at random (seeded) by `val_fraction`.
 """
 
@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import random
 from collections import Counter
+from pathlib import Path
 
 from shoptune import UserError, params
 from shoptune.artifacts import read_jsonl, write_json, write_jsonl
@@ -24,7 +25,7 @@ log = logging.getLogger("dataset")
 class DatasetParams:
     task: str
     setting: str
-    extra: list[str]
+    extra: str | None
     val_fraction: float
     seed: int
 
@@ -34,7 +35,10 @@ def dataset(profile: str) -> None:
     if not 0 <= p.val_fraction < 1:
         raise UserError(f"params.yaml: profiles.{profile}.dataset.val_fraction must be in [0, 1)")
     rows = [from_item(item, p.task, p.setting) for item in read_jsonl(stage_dir(profile, "clean") / "accepted.jsonl")]
-    for path in p.extra:
+    extra_files = sorted(Path(p.extra).glob("*.jsonl")) if p.extra else []
+    if p.extra and not Path(p.extra).is_dir():
+        raise UserError(f"params.yaml: profiles.{profile}.dataset.extra: {p.extra} is not a folder")
+    for path in extra_files:
         extra = read_rows(path)
         log.info("merging %d rows from %s", len(extra), path)
         rows += extra
@@ -56,12 +60,15 @@ def dataset(profile: str) -> None:
     folder = stage_dir(profile, "dataset")
     write_jsonl(folder / "train.jsonl", train)
     write_jsonl(folder / "val.jsonl", val)
-    write_json(folder / "stats.json", {
-        "train": len(train),
-        "val": len(val),
-        "left_out_test_rows": left_out,
-        "train_by_task": dict(sorted(Counter(r["task"] for r in train).items())),
-    })
+    write_json(
+        folder / "stats.json",
+        {
+            "train": len(train),
+            "val": len(val),
+            "left_out_test_rows": left_out,
+            "train_by_task": dict(sorted(Counter(r["task"] for r in train).items())),
+        },
+    )
     log.info("%d train rows, %d val rows (%d test rows left out)", len(train), len(val), left_out)
 
 

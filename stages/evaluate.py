@@ -60,8 +60,9 @@ def read_predictions(path: Path, count: int) -> list[str]:
     return predictions
 
 
-def evaluate_files(questions_path: Path, predictions_path: Path, embedding_model: str,
-                   multilingual_embedding_model: str) -> tuple[dict, list[dict]]:
+def evaluate_files(
+    questions_path: Path, predictions_path: Path, embedding_model: str, multilingual_embedding_model: str
+) -> tuple[dict, list[dict]]:
     questions = read_questions(questions_path)
     predictions = read_predictions(predictions_path, len(questions))
     embedder = Embedder(resolve_model)
@@ -70,36 +71,55 @@ def evaluate_files(questions_path: Path, predictions_path: Path, embedding_model
     for q, prediction in tqdm(list(zip(questions, predictions, strict=True)), desc="evaluate", unit="row"):
         score = score_row(q, prediction, embedder, models)
         scores.append(score)
-        rows.append({"task_name": q.task_name, "parsed": parse(q.task_type, prediction), "truth": q.output_field,
-                     "score": list(score) if isinstance(score, tuple) else float(score)})
+        rows.append(
+            {
+                "task_name": q.task_name,
+                "parsed": parse(q.task_type, prediction),
+                "truth": q.output_field,
+                "score": list(score) if isinstance(score, tuple) else float(score),
+            }
+        )
     summary = summarize(aggregate(questions, scores))
     summary["embedding_models"] = models
     return summary, rows
 
 
 def report(summary: dict) -> str:
-    lines = ["# ShopBench evaluation", "", f"Overall (mean of tasks): **{summary['overall']:.4f}**", "",
-             "| track | score |", "|---|---|"]
+    lines = [
+        "# ShopBench evaluation",
+        "",
+        f"Overall (mean of tasks): **{summary['overall']:.4f}**",
+        "",
+        "| track | score |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {score:.4f} |" for name, score in summary["tracks"].items()]
     lines += ["", "| task type | score (mean of its tasks) |", "|---|---|"]
     lines += [f"| {name} | {score:.4f} |" for name, score in summary["task_types"].items()]
     lines += ["", "| task | type | metric | rows | score |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {t['task_type']} | {t['metric']} | {t['num_samples']} | {t['score']:.4f} |"
-              for name, t in summary["tasks"].items()]
+    lines += [
+        f"| {name} | {t['task_type']} | {t['metric']} | {t['num_samples']} | {t['score']:.4f} |"
+        for name, t in summary["tasks"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
 def evaluate(profile: str) -> None:
     p = params.load(profile, "evaluate", EvaluateParams)
-    summary, rows = evaluate_files(Path(p.questions), stage_dir(profile, "infer") / "predictions.jsonl",
-                                   p.embedding_model, p.multilingual_embedding_model)
+    summary, rows = evaluate_files(
+        Path(p.questions),
+        stage_dir(profile, "infer") / "predictions.jsonl",
+        p.embedding_model,
+        p.multilingual_embedding_model,
+    )
     folder = stage_dir(profile, "evaluate")
     write_jsonl(folder / "scores.jsonl", rows)
     with atomic_file(folder / "report.md") as out:
         out.write(report(summary))
     write_json(folder / "metrics.json", summary)
-    log.info("overall %.4f; %s", summary["overall"],
-             ", ".join(f"{k} {v:.4f}" for k, v in summary["task_types"].items()))
+    log.info(
+        "overall %.4f; %s", summary["overall"], ", ".join(f"{k} {v:.4f}" for k, v in summary["task_types"].items())
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,13 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("predictions", type=Path, help='one {"prediction": "<raw output>"} per question, same order')
     parser.add_argument("--out", type=Path, required=True, help="where to write the metrics JSON")
     parser.add_argument("--embedding-model", default="sentence-transformers/all-MiniLM-L6-v2")
-    parser.add_argument("--multilingual-embedding-model",
-                        default="sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2")
+    parser.add_argument(
+        "--multilingual-embedding-model", default="sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        summary, _ = evaluate_files(args.questions, args.predictions, args.embedding_model,
-                                    args.multilingual_embedding_model)
+        summary, _ = evaluate_files(
+            args.questions, args.predictions, args.embedding_model, args.multilingual_embedding_model
+        )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -133,12 +133,15 @@ def finetune(profile: str) -> None:
         for entry in trainer.state.log_history:
             if "loss" in entry:
                 out.write(f"{entry['step']},{entry['loss']:.6f}\n")
-    write_json(folder / "metrics.json", {
-        "train_loss": round(result.training_loss, 6),
-        "val_loss": None if val_loss is None else round(val_loss, 6),
-        "steps": trainer.state.global_step,
-        "train_rows": len(train),
-    })
+    write_json(
+        folder / "metrics.json",
+        {
+            "train_loss": round(result.training_loss, 6),
+            "val_loss": None if val_loss is None else round(val_loss, 6),
+            "steps": trainer.state.global_step,
+            "train_rows": len(train),
+        },
+    )
     shutil.rmtree(output_dir, ignore_errors=True)
     log.info("merged model in %s; train loss %.4f", folder / "model", result.training_loss)
 

@@ -48,7 +48,9 @@ class InferParams:
     other: Sampling
 
 
-def generate_vllm(model_dir: Path, quantized: bool, prompts: list[str], choice: list[bool], p: InferParams) -> list[str]:
+def generate_vllm(
+    model_dir: Path, quantized: bool, prompts: list[str], choice: list[bool], p: InferParams
+) -> list[str]:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
@@ -62,8 +64,9 @@ def generate_vllm(model_dir: Path, quantized: bool, prompts: list[str], choice: 
     )
 
     def sampling(s: Sampling) -> SamplingParams:
-        return SamplingParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              seed=p.seed)
+        return SamplingParams(
+            max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=p.seed
+        )
 
     outputs = llm.generate(prompts, [sampling(p.multiple_choice if c else p.other) for c in choice])
     return [o.outputs[0].text for o in outputs]
@@ -84,8 +87,13 @@ def generate_transformers(model_dir: Path, prompts: list[str], choice: list[bool
         batches = [indices[i : i + p.batch_size] for i in range(0, len(indices), p.batch_size)]
         for batch in tqdm(batches, desc="infer " + ("multiple choice" if is_choice else "other"), unit="batch"):
             torch.manual_seed(p.seed)
-            inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True,
-                               truncation=True, max_length=p.max_model_len - s.max_new_tokens).to(device)
+            inputs = tokenizer(
+                [prompts[i] for i in batch],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=p.max_model_len - s.max_new_tokens,
+            ).to(device)
             sample = s.temperature > 0
             with torch.no_grad():
                 out = model.generate(
@@ -110,13 +118,20 @@ def infer(profile: str) -> None:
         raise UserError(f"params.yaml: profiles.{profile}.infer.model: {p.model!r} is not padded or quantized")
     model_dir = models[p.model]
     if p.backend == "transformers" and p.model == "quantized":
-        raise UserError("the transformers backend runs no AWQ kernel here: use infer.backend vllm on a GPU, "
-                        "or infer.model padded")
+        raise UserError(
+            "the transformers backend runs no AWQ kernel here: use infer.backend vllm on a GPU, or infer.model padded"
+        )
     questions: list[Question] = read_questions(p.questions)
     prompts = [prompt_for(q) for q in questions]
     choice = [q.is_multiple_choice for q in questions]
-    log.info("%d questions (%d multiple choice) with the %s model %s, backend %s",
-             len(questions), sum(choice), p.model, model_dir, p.backend)
+    log.info(
+        "%d questions (%d multiple choice) with the %s model %s, backend %s",
+        len(questions),
+        sum(choice),
+        p.model,
+        model_dir,
+        p.backend,
+    )
     start = time.perf_counter()
     if p.backend == "vllm":
         answers = generate_vllm(model_dir, p.model == "quantized", prompts, choice, p)
@@ -127,16 +142,21 @@ def infer(profile: str) -> None:
     seconds = time.perf_counter() - start
 
     folder = stage_dir(profile, "infer")
-    write_jsonl(folder / "predictions.jsonl",
-                ({"task_name": q.task_name, "prediction": a} for q, a in zip(questions, answers, strict=True)))
-    write_json(folder / "info.json", {
-        "backend": p.backend,
-        "model": p.model,
-        "model_dir": str(model_dir),
-        "note": "" if p.model == "quantized" else "inferred with the padded 16-bit model, not the AWQ one",
-        "questions": len(questions),
-        "seconds": round(seconds, 2),
-    })
+    write_jsonl(
+        folder / "predictions.jsonl",
+        ({"task_name": q.task_name, "prediction": a} for q, a in zip(questions, answers, strict=True)),
+    )
+    write_json(
+        folder / "info.json",
+        {
+            "backend": p.backend,
+            "model": p.model,
+            "model_dir": str(model_dir),
+            "note": "" if p.model == "quantized" else "inferred with the padded 16-bit model, not the AWQ one",
+            "questions": len(questions),
+            "seconds": round(seconds, 2),
+        },
+    )
     log.info("%d predictions in %.1f s", len(answers), seconds)
 
 

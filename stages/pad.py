@@ -104,8 +104,9 @@ def mlp_difference(original: dict, padded: dict, seed: int = 0) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
-def pad_model(src: Path, dst: Path, group_size: int, tensor_parallel_size: int, check_logits: bool,
-              logits_atol: float) -> dict:
+def pad_model(
+    src: Path, dst: Path, group_size: int, tensor_parallel_size: int, check_logits: bool, logits_atol: float
+) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -122,8 +123,14 @@ def pad_model(src: Path, dst: Path, group_size: int, tensor_parallel_size: int, 
     shards = sorted(src.glob("*.safetensors"))
     if not shards:
         raise UserError(f"{src}: no *.safetensors files")
-    log.info("intermediate_size %d -> %d (group %d x tensor parallel %d; %d zero channels)",
-             size, padded, group_size, tensor_parallel_size, padded - size)
+    log.info(
+        "intermediate_size %d -> %d (group %d x tensor parallel %d; %d zero channels)",
+        size,
+        padded,
+        group_size,
+        tensor_parallel_size,
+        padded - size,
+    )
 
     pending: dict[str, tuple[dict, dict]] = {}  # layer -> (original, padded) projections seen so far
     worst_mlp, layers_checked, padded_tensors, total_bytes = 0.0, 0, 0, 0
@@ -140,8 +147,10 @@ def pad_model(src: Path, dst: Path, group_size: int, tensor_parallel_size: int, 
                         dim = 1 if proj == "down_proj" and kind == "weight" else 0
                         if not (proj == "down_proj" and kind == "bias"):
                             if tensor.shape[dim] != size:
-                                raise UserError(f"{path}: {name} has shape {list(tensor.shape)}, expected "
-                                                f"{size} along dimension {dim}")
+                                raise UserError(
+                                    f"{path}: {name} has shape {list(tensor.shape)}, expected "
+                                    f"{size} along dimension {dim}"
+                                )
                             new = pad_tensor(tensor, layout, dim)
                         else:
                             new = tensor
@@ -202,8 +211,7 @@ def compare_logits(original: Path, padded: Path) -> float:
     for name, path in (("original", original), ("padded", padded)):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
         with torch.no_grad():
-            logits[name] = [model(**tokenizer(p, return_tensors="pt").to(device)).logits.cpu()
-                            for p in CHECK_PROMPTS]
+            logits[name] = [model(**tokenizer(p, return_tensors="pt").to(device)).logits.cpu() for p in CHECK_PROMPTS]
         del model
     for a, b in zip(logits["original"], logits["padded"], strict=True):
         worst = max(worst, float((a - b).abs().max()))
@@ -219,8 +227,14 @@ def pad(profile: str) -> None:
         if not isinstance(value, int) or value < 1:
             raise UserError(f"params.yaml: profiles.{profile}.{key}: expected a positive integer, got {value!r}")
     folder = stage_dir(profile, "pad")
-    report = pad_model(stage_dir(profile, "finetune") / "model", folder / "model", group_size,
-                       tensor_parallel_size, p.check_logits, p.logits_atol)
+    report = pad_model(
+        stage_dir(profile, "finetune") / "model",
+        folder / "model",
+        group_size,
+        tensor_parallel_size,
+        p.check_logits,
+        p.logits_atol,
+    )
     write_json(folder / "metrics.json", report)
 
 
@@ -240,8 +254,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.group_size < 1 or args.tensor_parallel_size < 1:
             raise UserError("--group-size and --tensor-parallel-size must be positive")
-        report = pad_model(args.model_dir, args.out_dir, args.group_size, args.tensor_parallel_size,
-                           args.check_logits, args.logits_atol)
+        report = pad_model(
+            args.model_dir,
+            args.out_dir,
+            args.group_size,
+            args.tensor_parallel_size,
+            args.check_logits,
+            args.logits_atol,
+        )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -71,7 +71,9 @@ def compare_with_reference(reference: Path, quantized: Path, prompts: list[str],
     dequantized = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     missing, unexpected = dequantized.load_state_dict(dequantized_state(quantized, bits, group_size), strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise UserError(f"{quantized}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{quantized}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     dequantized.tie_weights()
     agree = total = 0
     worst = 0.0
@@ -99,8 +101,7 @@ def quantize(profile: str) -> None:
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
 
-    quant_config = {"zero_point": p.zero_point, "q_group_size": p.q_group_size, "w_bit": p.w_bit,
-                    "version": p.version}
+    quant_config = {"zero_point": p.zero_point, "q_group_size": p.q_group_size, "w_bit": p.w_bit, "version": p.version}
     model = AutoAWQForCausalLM.from_pretrained(str(padded), safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(padded)
     model.quantize(
@@ -114,14 +115,20 @@ def quantize(profile: str) -> None:
     with atomic_dir(folder / "model") as out:
         model.save_quantized(str(out))
         tokenizer.save_pretrained(out)
-        check = compare_with_reference(padded, out, held_out or calibration_texts(rows, 4, seed=1),
-                                       p.w_bit, p.q_group_size)
+        check = compare_with_reference(
+            padded, out, held_out or calibration_texts(rows, 4, seed=1), p.w_bit, p.q_group_size
+        )
     size = sum(f.stat().st_size for f in (folder / "model").glob("*.safetensors"))
     config = json.loads((folder / "model" / "config.json").read_text())
-    write_json(folder / "metrics.json", {"size_bytes": size, "quantization_config": config["quantization_config"],
-                                          **check})
-    log.info("AWQ model in %s (%.1f MB); top-1 agreement with the 16-bit model %.3f",
-             folder / "model", size / 1e6, check["top1_agreement"])
+    write_json(
+        folder / "metrics.json", {"size_bytes": size, "quantization_config": config["quantization_config"], **check}
+    )
+    log.info(
+        "AWQ model in %s (%.1f MB); top-1 agreement with the 16-bit model %.3f",
+        folder / "model",
+        size / 1e6,
+        check["top1_agreement"],
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from shoptune import UserError, params
 from shoptune.artifacts import dumps, read_jsonl, write_json, write_jsonl
-from shoptune.catalog import ATTRIBUTES, Product, read_catalog
+from shoptune.catalog import Product, read_catalog
 from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
 log = logging.getLogger("synthesize")
@@ -96,8 +96,13 @@ def offline_writer(products: list[Product], p: SynthesizeParams) -> Callable[[Pr
         for name, value in product.attributes.items():
             # wrong options from the same locale first, then from the others
             local = [v for v in values[(name, product.locale)] if v.casefold() != value.casefold()]
-            foreign = [v for (a, loc), vs in values.items() if a == name and loc != product.locale
-                       for v in vs if v.casefold() != value.casefold() and v not in local]
+            foreign = [
+                v
+                for (a, loc), vs in values.items()
+                if a == name and loc != product.locale
+                for v in vs
+                if v.casefold() != value.casefold() and v not in local
+            ]
             picked = rng.sample(local, min(wrong, len(local)))
             if len(picked) < wrong:
                 if len(foreign) < wrong - len(picked):
@@ -144,8 +149,9 @@ def openai_writer(fewshot: str, p: SynthesizeParams) -> Callable[[Product], str]
     if not key:
         raise UserError(f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env)")
     if p.api_version:  # Azure OpenAI: base_url is the resource endpoint, model the deployment name
-        client = openai.AzureOpenAI(azure_endpoint=p.base_url, api_version=p.api_version, api_key=key,
-                                    max_retries=p.max_retries)
+        client = openai.AzureOpenAI(
+            azure_endpoint=p.base_url, api_version=p.api_version, api_key=key, max_retries=p.max_retries
+        )
     else:
         client = openai.OpenAI(base_url=p.base_url, api_key=key, max_retries=p.max_retries)
     system = instructions(p) + "\n\n" + fewshot
@@ -161,8 +167,12 @@ def openai_writer(fewshot: str, p: SynthesizeParams) -> Callable[[Product], str]
                 frequency_penalty=0,
                 presence_penalty=0,
             )
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
-                openai.BadRequestError) as err:
+        except (
+            openai.AuthenticationError,
+            openai.PermissionDeniedError,
+            openai.NotFoundError,
+            openai.BadRequestError,
+        ) as err:
             raise UserError(f"the API refused the request ({type(err).__name__}: {err.message})") from None
         except openai.APIConnectionError:
             raise UserError(f"cannot reach the API at {client.base_url} (after {p.max_retries} retries)") from None
@@ -202,8 +212,14 @@ def synthesize(profile: str) -> None:
             futures = {pool.submit(write, product): product for product in todo}
             for future in tqdm(as_completed(futures), total=len(futures), desc="synthesize", unit="product"):
                 product = futures[future]
-                row = {"product_id": product.id, "locale": product.locale, "title": product.title,
-                       "backend": p.backend, "model": p.model, "reply": future.result()}
+                row = {
+                    "product_id": product.id,
+                    "locale": product.locale,
+                    "title": product.title,
+                    "backend": p.backend,
+                    "model": p.model,
+                    "reply": future.result(),
+                }
                 out.write(dumps(row) + "\n")
                 out.flush()
                 done[(product.locale, product.id)] = row
@@ -213,8 +229,15 @@ def synthesize(profile: str) -> None:
     folder = stage_dir(profile, "synthesize")
     rows = [done[(x.locale, x.id)] for x in products]
     write_jsonl(folder / "generations.jsonl", rows)
-    write_json(folder / "stats.json", {"products": len(rows), "backend": p.backend, "model": p.model,
-                                       "empty_replies": sum(1 for r in rows if not r["reply"].strip())})
+    write_json(
+        folder / "stats.json",
+        {
+            "products": len(rows),
+            "backend": p.backend,
+            "model": p.model,
+            "empty_replies": sum(1 for r in rows if not r["reply"].strip()),
+        },
+    )
     journal.unlink()
     log.info("wrote %d replies to %s", len(rows), folder / "generations.jsonl")
 

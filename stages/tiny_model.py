@@ -20,11 +20,13 @@ log = logging.getLogger("tiny_model")
 
 # Qwen2's pre-tokenizer pattern and its special tokens (ids 151643-151645).
 QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -89,8 +91,14 @@ def build(profile: str) -> None:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     n = sum(t.numel() for t in model.parameters())
-    log.info("wrote %s: Qwen2, %d layers, hidden %d, intermediate %d, %.1fM parameters",
-             p.out, p.num_hidden_layers, p.hidden_size, p.intermediate_size, n / 1e6)
+    log.info(
+        "wrote %s: Qwen2, %d layers, hidden %d, intermediate %d, %.1fM parameters",
+        p.out,
+        p.num_hidden_layers,
+        p.hidden_size,
+        p.intermediate_size,
+        n / 1e6,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from shoptune.cli import main
+
+main()
