@@ -18,7 +18,9 @@ ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
 )
-ALPACA_TEMPLATE = ALPACA_PREAMBLE + """
+ALPACA_TEMPLATE = (
+    ALPACA_PREAMBLE
+    + """
 
 ### Instruction:
 {instruction}
@@ -31,6 +33,7 @@ ALPACA_TEMPLATE = ALPACA_PREAMBLE + """
 
 ### Response:
 {output}"""
+)
 
 
 def options_text(options) -> str:

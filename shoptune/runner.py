@@ -30,9 +30,22 @@ IMAGES = {
     "infer": "infer",
     "evaluate": "eval",
 }
-DOCKER_DIR = Path("docker")
+
+
+def code_root() -> Path:
+    """The checkout whose stages/ and docker/ are run: the current folder when it is one
+    (a DVC run in any clone), else the checkout this package was installed from."""
+    here = Path.cwd()
+    if (here / "stages" / "__init__.py").is_file() and (here / "docker").is_dir():
+        return here
+    return Path(__file__).resolve().parents[1]
+
+
+REPOSITORY = code_root()
+DOCKER_DIR = REPOSITORY / "docker"
 INSTALL_SCRIPT = DOCKER_DIR / "install-requirements.sh"
-VENVS = Path(".venvs")
+# Local environments; SHOPTUNE_VENVS lets several clones share one set.
+VENVS = Path(os.environ.get("SHOPTUNE_VENVS", REPOSITORY / ".venvs"))
 DEFAULT_BASE_IMAGE = "shoptune/base:bookworm"
 WORKDIR_IN_CONTAINER = "/workspace"
 # Variables a stage may need at run time; their values are passed to the process or
@@ -49,7 +62,7 @@ def image_of(stage: str) -> str:
 def definition_files(image: str) -> list[Path]:
     folder = DOCKER_DIR / image
     if not (folder / "Dockerfile").is_file():
-        raise UserError(f"{folder}/Dockerfile: no such file")
+        raise UserError(f"{folder}/Dockerfile: no such file (images: {', '.join(sorted(set(IMAGES.values())))})")
     return [INSTALL_SCRIPT, *sorted(p for p in folder.iterdir() if p.is_file())]
 
 
@@ -100,7 +113,7 @@ def local_python(image: str) -> Path:
 
 def run_local(stage: str, args: list[str]) -> int:
     python = local_python(image_of(stage))
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
     process = subprocess.Popen(stage_command(stage, args, str(python.absolute())), env=env)
     try:
         return process.wait()

@@ -1,0 +1,69 @@
+"""Shared fixtures: the repository, stage environments, and the Docker engine rule
+(tests that need the engine fail, not skip, when CI is set)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def stage_python():
+    """The interpreter of a stage environment (.venvs/IMAGE), built on first use."""
+    from shoptune import runner
+
+    return lambda image: str(runner.local_python(image).absolute())
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set and the Docker engine is unreachable: {err}")
+        pytest.skip(f"no Docker engine: {err}")
+    return client
+
+
+def shoptune(*args: str, cwd: Path = ROOT, env: dict | None = None, check: bool = True):
+    """Run the shoptune command as a user would; returns the CompletedProcess."""
+    result = subprocess.run(
+        [str(HOST_BIN / "shoptune"), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"shoptune {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def copy_repository(dest: Path) -> Path:
+    """A clean copy of the tracked files (and the working tree's changes to them)."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+            target.chmod(source.stat().st_mode)
+    return dest

@@ -1,0 +1,101 @@
+import dataclasses
+
+import pytest
+
+from shoptune import UserError, params
+from shoptune.artifacts import atomic_dir, atomic_file, read_jsonl
+
+
+@dataclasses.dataclass
+class Example:
+    rate: float
+    steps: int
+    name: str | None
+    modules: list[str]
+    flag: bool = False
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_section_loads_typed(tmp_path):
+    path = write(tmp_path, "profiles:\n  p:\n    s: {rate: 2, steps: 3, name: null, modules: [a, b]}\n")
+    assert params.load("p", "s", Example, path) == Example(2.0, 3, None, ["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("{rate: 1, steps: 3, name: x}", r"params.yaml: profiles.p.s.modules: missing"),
+        ("{rate: 1, steps: 3, name: x, modules: [], extra: 1}", r"profiles.p.s.extra: unknown key"),
+        ("{rate: fast, steps: 3, name: x, modules: []}", r"profiles.p.s.rate: expected a number, got 'fast'"),
+        ("{rate: 1, steps: true, name: x, modules: []}", r"profiles.p.s.steps: expected an integer"),
+        ("{rate: 1, steps: 1, name: x, modules: [1]}", r"profiles.p.s.modules\[0\]: expected a string"),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path, section, message):
+    path = write(tmp_path, f"profiles:\n  p:\n    s: {section}\n")
+    with pytest.raises(UserError, match=message):
+        params.load("p", "s", Example, path)
+
+
+def test_unknown_profile_and_bad_yaml(tmp_path):
+    path = write(tmp_path, "profiles:\n  p: {}\n")
+    with pytest.raises(UserError, match="no profile 'q' \\(have: p\\)"):
+        params.load("q", "s", Example, path)
+    path = write(tmp_path, "profiles: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        params.load("p", "s", Example, path)
+
+
+def test_the_repository_params_load_for_every_stage():
+    """Every stage's schema accepts both profiles of the real params.yaml."""
+    from stages.clean import CleanParams
+    from stages.dataset import DatasetParams
+    from stages.synthesize import SynthesizeParams
+
+    for profile in ("demo", "paper"):
+        params.load(profile, "synthesize", SynthesizeParams)
+        params.load(profile, "clean", CleanParams)
+        params.load(profile, "dataset", DatasetParams)
+
+
+def test_paper_profile_pads_29568_to_29696():
+    from stages.pad import padded_size
+
+    profile = params.read_profiles()["paper"]
+    size = padded_size(29568, profile["quantize"]["q_group_size"], profile["infer"]["tensor_parallel_size"])
+    assert size == 29696 and size // 4 == 58 * 128
+
+
+def test_atomic_file_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_file(target) as out:
+        out.write("half")
+        raise RuntimeError
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as out:
+        (out / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as out:
+        (out / "b").write_text("2")
+        raise RuntimeError
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"rows.jsonl:3: expected a JSON object, got list"):
+        read_jsonl(path)
+    with pytest.raises(UserError, match=r"nothing.jsonl: no such file"):
+        read_jsonl(tmp_path / "nothing.jsonl")
