@@ -29,8 +29,12 @@ def data_image(docker_client):
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for stage in DATA_STAGES for p in sorted((folder / "runs" / "demo" / stage).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for stage in DATA_STAGES
+        for p in sorted((folder / "runs" / "demo" / stage).rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_data_stages_in_containers_match_the_local_runner(data_image, tmp_path):
@@ -38,8 +42,16 @@ def test_data_stages_in_containers_match_the_local_runner(data_image, tmp_path):
     local_copy = copy_repository(tmp_path / "local")
     for stage in DATA_STAGES:
         shoptune("--runner", "docker", "run", stage, "--profile", "demo", cwd=docker_copy)
-        shoptune("--runner", "local", "run", stage, "--profile", "demo", cwd=local_copy,
-                 env={"SHOPTUNE_VENVS": str(ROOT / ".venvs")})
+        shoptune(
+            "--runner",
+            "local",
+            "run",
+            stage,
+            "--profile",
+            "demo",
+            cwd=local_copy,
+            env={"SHOPTUNE_VENVS": str(ROOT / ".venvs")},
+        )
     in_docker, local = outputs(docker_copy), outputs(local_copy)
     assert len(in_docker) == 8 and in_docker == local
     for path in (docker_copy / "runs").rglob("*"):
@@ -101,13 +113,18 @@ def test_ctrl_c_stops_the_container(data_image, docker_client, tmp_path):
     params = folder / "params.yaml"
     text = params.read_text()
     demo_synthesize = text.index("      backend: offline")
-    text = (text[:demo_synthesize] + text[demo_synthesize:].replace("backend: offline", "backend: openai", 1)
-            .replace("base_url: null", "base_url: http://127.0.0.1:9/v1", 1)
-            .replace("max_retries: 3", "max_retries: 50", 1))
+    text = text[:demo_synthesize] + text[demo_synthesize:].replace("backend: offline", "backend: openai", 1).replace(
+        "base_url: null", "base_url: http://127.0.0.1:9/v1", 1
+    ).replace("max_retries: 3", "max_retries: 50", 1)
     params.write_text(text)
-    process = subprocess.Popen([str(HOST_BIN / "shoptune"), "--runner", "docker", "run", "synthesize", "--profile",
-                                "demo"], cwd=folder, env={**os.environ, "OPENAI_API_KEY": "sk-never-logged"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(HOST_BIN / "shoptune"), "--runner", "docker", "run", "synthesize", "--profile", "demo"],
+        cwd=folder,
+        env={**os.environ, "OPENAI_API_KEY": "sk-never-logged"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for _ in range(60):
         if docker_client.containers.list(filters={"label": "shoptune.stage=synthesize"}):
             break

@@ -42,8 +42,13 @@ def test_perfect_answers_score_one_everywhere(tmp_path, rows):
     for name, task in metrics["tasks"].items():
         assert task["score"] == pytest.approx(1.0, abs=1e-6), name
     assert metrics["overall"] == pytest.approx(1.0, abs=1e-6)
-    assert set(metrics["task_types"]) == {"multiple-choice", "generation", "retrieval", "ranking",
-                                          "named_entity_recognition"}
+    assert set(metrics["task_types"]) == {
+        "multiple-choice",
+        "generation",
+        "retrieval",
+        "ranking",
+        "named_entity_recognition",
+    }
 
 
 def test_wrong_and_malformed_answers_score_as_the_official_parsers_say(tmp_path, rows):
@@ -68,5 +73,10 @@ def test_wrong_and_malformed_answers_score_as_the_official_parsers_say(tmp_path,
 def test_a_prediction_count_mismatch_is_a_one_line_error(tmp_path, rows):
     result, metrics = run(tmp_path, ["1"] * (len(rows) - 1), check=False)
     assert result.returncode == 2 and metrics is None
-    assert result.stderr.strip().splitlines()[-1].endswith(
-        f"predictions.jsonl: {len(rows) - 1} predictions for {len(rows)} questions (one per question, same order)")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"predictions.jsonl: {len(rows) - 1} predictions for {len(rows)} questions (one per question, same order)"
+        )
+    )

@@ -41,8 +41,13 @@ def tiny_model(tmp_path_factory, stage_python):
         " num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512, vocab_size: 151936,"
         " seed: 1}\n"
     )
-    subprocess.run([stage_python("train"), "-m", "stages.tiny_model", "--profile", "any"], cwd=folder, check=True,
-                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, capture_output=True)
+    subprocess.run(
+        [stage_python("train"), "-m", "stages.tiny_model", "--profile", "any"],
+        cwd=folder,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+    )
     return folder / "model"
 
 
@@ -64,8 +69,16 @@ print(json.dumps(out))
 
 def test_pad_command_grows_the_mlp_and_keeps_the_outputs(tiny_model, tmp_path, stage_python):
     out = tmp_path / "padded"
-    result = shoptune("pad", str(tiny_model), str(out), "--group-size", str(GROUP), "--tensor-parallel-size", str(TP),
-                      "--check-logits")
+    result = shoptune(
+        "pad",
+        str(tiny_model),
+        str(out),
+        "--group-size",
+        str(GROUP),
+        "--tensor-parallel-size",
+        str(TP),
+        "--check-logits",
+    )
     report = json.loads(result.stdout)
     assert (report["intermediate_size"], report["padded_intermediate_size"]) == (200, 256)
     assert report["shard_width"] == 128 and report["groups_per_shard"] == 2
@@ -74,18 +87,28 @@ def test_pad_command_grows_the_mlp_and_keeps_the_outputs(tiny_model, tmp_path, s
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 256
     assert (out / "tokenizer.json").is_file()
 
-    seen = json.loads(subprocess.run([stage_python("quant"), "-c", INSPECT, str(tiny_model), str(out), str(GROUP)],
-                                     check=True, capture_output=True, text=True).stdout)
-    assert seen["shapes"] == {"model.layers.0.mlp.gate_proj.weight": [256, 64],
-                              "model.layers.0.mlp.up_proj.weight": [256, 64],
-                              "model.layers.0.mlp.down_proj.weight": [64, 256]}
+    seen = json.loads(
+        subprocess.run(
+            [stage_python("quant"), "-c", INSPECT, str(tiny_model), str(out), str(GROUP)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    assert seen["shapes"] == {
+        "model.layers.0.mlp.gate_proj.weight": [256, 64],
+        "model.layers.0.mlp.up_proj.weight": [256, 64],
+        "model.layers.0.mlp.down_proj.weight": [64, 256],
+    }
     assert seen["same_other"] and seen["real_rows_kept"]
     assert all(seen["down_groups_nonzero"])
 
 
 def test_pad_errors_are_one_line(tmp_path):
-    result = shoptune("pad", str(tmp_path / "missing"), str(tmp_path / "out"), "--tensor-parallel-size", "2",
-                      check=False)
+    result = shoptune(
+        "pad", str(tmp_path / "missing"), str(tmp_path / "out"), "--tensor-parallel-size", "2", check=False
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: no config.json (not a Hugging Face model folder)"
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: {tmp_path / 'missing'}: no config.json (not a Hugging Face model folder)"
     assert not (tmp_path / "out").exists()

@@ -18,9 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 def sh(*args, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{HOST_BIN}:{os.environ['PATH']}", "SHOPTUNE_RUNNER": "local",
-           "SHOPTUNE_VENVS": str(ROOT / ".venvs"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{HOST_BIN}:{os.environ['PATH']}",
+        "SHOPTUNE_RUNNER": "local",
+        "SHOPTUNE_VENVS": str(ROOT / ".venvs"),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
@@ -43,9 +50,10 @@ def project(tmp_path_factory, stage_python):
 
 def test_demo_runs_every_stage_then_nothing(project):
     first = sh("dvc", "repro", "evaluate@demo", cwd=project)
-    assert ran(first) == {"tiny_model", *(f"{s}@demo" for s in
-                                          ("synthesize", "clean", "dataset", "finetune", "pad", "quantize", "infer",
-                                           "evaluate"))}
+    assert ran(first) == {
+        "tiny_model",
+        *(f"{s}@demo" for s in ("synthesize", "clean", "dataset", "finetune", "pad", "quantize", "infer", "evaluate")),
+    }
     runs = project / "runs" / "demo"
     pad = json.loads((runs / "pad" / "metrics.json").read_text())
     assert (pad["intermediate_size"], pad["padded_intermediate_size"]) == (344, 512)
