@@ -8,12 +8,16 @@ Backends:
 - vllm: the GPU path (the recipe: AWQ model, tensor parallel 4, float16 on T4s without bf16);
 - transformers: CPU (or one GPU). No AWQ kernel runs on a CPU, so there the demo infers
   with the padded 16-bit model (infer.model: padded) and says so in info.json.
+
+Beyond the recipe: with `constrain_choices`, a multiple-choice answer can only be one of
+the option numbers found in the question (what the winning team did), so it always parses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -44,8 +48,28 @@ class InferParams:
     max_model_len: int
     gpu_memory_utilization: float
     seed: int
+    constrain_choices: bool
     multiple_choice: Sampling
     other: Sampling
+
+
+OPTION_NUMBER = re.compile(r"^\s*(\d)[.)]\s", re.MULTILINE)
+
+
+def option_numbers(question: str) -> list[str]:
+    """The option numbers of a multiple-choice question ("0. ...", "1) ..."), else all digits."""
+    found = sorted(set(OPTION_NUMBER.findall(question)))
+    return found or [str(d) for d in range(10)]
+
+
+def digit_token_ids(tokenizer, digits: list[str]) -> list[int]:
+    ids = []
+    for digit in digits:
+        encoded = tokenizer.encode(digit, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise UserError(f"the tokenizer splits the digit {digit!r} into {len(encoded)} tokens")
+        ids.append(encoded[0])
+    return ids
 
 
 def generate_vllm(
@@ -72,10 +96,26 @@ def generate_vllm(
     return [o.outputs[0].text for o in outputs]
 
 
-def generate_transformers(model_dir: Path, prompts: list[str], choice: list[bool], p: InferParams) -> list[str]:
+def generate_transformers(
+    model_dir: Path, prompts: list[str], choice: list[bool], allowed: list[list[str] | None], p: InferParams
+) -> list[str]:
     import torch
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
+
+    class OnlyTheseTokens:
+        """Row i of the batch may only produce the tokens of masks[i] (None: any token)."""
+
+        def __init__(self, masks):
+            self.masks = masks
+
+        def __call__(self, input_ids, scores):
+            for row, ids in enumerate(self.masks):
+                if ids is not None:
+                    keep = torch.full_like(scores[row], float("-inf"))
+                    keep[ids] = 0
+                    scores[row] = scores[row] + keep
+            return scores
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -95,9 +135,11 @@ def generate_transformers(model_dir: Path, prompts: list[str], choice: list[bool
                 max_length=p.max_model_len - s.max_new_tokens,
             ).to(device)
             sample = s.temperature > 0
+            masks = [digit_token_ids(tokenizer, allowed[i]) if allowed[i] else None for i in batch]
             with torch.no_grad():
                 out = model.generate(
                     **inputs,
+                    logits_processor=LogitsProcessorList([OnlyTheseTokens(masks)]) if any(masks) else None,
                     max_new_tokens=s.max_new_tokens,
                     do_sample=sample,
                     temperature=s.temperature if sample else None,
@@ -124,6 +166,9 @@ def infer(profile: str) -> None:
     questions: list[Question] = read_questions(p.questions)
     prompts = [prompt_for(q) for q in questions]
     choice = [q.is_multiple_choice for q in questions]
+    allowed = [
+        option_numbers(q.input_field) if q.is_multiple_choice and p.constrain_choices else None for q in questions
+    ]
     log.info(
         "%d questions (%d multiple choice) with the %s model %s, backend %s",
         len(questions),
@@ -134,9 +179,9 @@ def infer(profile: str) -> None:
     )
     start = time.perf_counter()
     if p.backend == "vllm":
-        answers = generate_vllm(model_dir, p.model == "quantized", prompts, choice, p)
+        answers = generate_vllm(model_dir, p.model == "quantized", prompts, choice, allowed, p)
     elif p.backend == "transformers":
-        answers = generate_transformers(model_dir, prompts, choice, p)
+        answers = generate_transformers(model_dir, prompts, choice, allowed, p)
     else:
         raise UserError(f"params.yaml: profiles.{profile}.infer.backend: {p.backend!r} is not vllm or transformers")
     seconds = time.perf_counter() - start
