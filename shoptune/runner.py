@@ -59,18 +59,26 @@ def image_of(stage: str) -> str:
     return IMAGES[stage]
 
 
-def definition_files(image: str) -> list[Path]:
+def environment_files(image: str) -> list[Path]:
+    """What defines an image's Python environment: the install script and its requirements."""
     folder = DOCKER_DIR / image
-    if not (folder / "Dockerfile").is_file():
-        raise UserError(f"{folder}/Dockerfile: no such file (images: {', '.join(sorted(set(IMAGES.values())))})")
-    return [INSTALL_SCRIPT, *sorted(p for p in folder.iterdir() if p.is_file())]
+    if not (folder / "requirements.txt").is_file():
+        raise UserError(f"{folder}/requirements.txt: no such file (images: {', '.join(sorted(set(IMAGES.values())))})")
+    return [INSTALL_SCRIPT, *sorted(folder.glob("requirements*.txt"))]
 
 
-def definition_digest(image: str, extra: str = "") -> str:
-    digest = hashlib.sha256(extra.encode())
-    for path in definition_files(image):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+def definition_files(image: str) -> list[Path]:
+    """What defines an image: its environment and docker/<image>/Dockerfile if it has its
+    own, else the shared docker/Dockerfile."""
+    own = DOCKER_DIR / image / "Dockerfile"
+    return [*environment_files(image), own if own.is_file() else DOCKER_DIR / "Dockerfile"]
+
+
+def digest(files: list[Path], extra: str = "") -> str:
+    sha = hashlib.sha256(extra.encode())
+    for path in files:
+        sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()[:16]
 
 
 def stage_command(stage: str, args: list[str], python: str) -> list[str]:
@@ -94,8 +102,8 @@ def local_python(image: str) -> Path:
     venv = VENVS / image
     python = venv / "bin" / "python"
     stamp = venv / ".shoptune-digest"
-    digest = definition_digest(image, sys.version)
-    if python.exists() and stamp.is_file() and stamp.read_text() == digest:
+    wanted = digest(environment_files(image), sys.version)
+    if python.exists() and stamp.is_file() and stamp.read_text() == wanted:
         return python
     print(f"shoptune: building the '{image}' environment in {venv} (once) ...", file=sys.stderr, flush=True)
     # A venv records its own path in its scripts, so it is built in place; the digest
@@ -107,7 +115,7 @@ def local_python(image: str) -> Path:
         subprocess.run(["sh", str(INSTALL_SCRIPT), str(python), str(DOCKER_DIR / image)], check=True)
     except subprocess.CalledProcessError:
         raise UserError(f"installing {DOCKER_DIR / image}/requirements.txt failed (see pip's output above)") from None
-    stamp.write_text(digest)
+    stamp.write_text(wanted)
     return python
 
 
@@ -169,7 +177,7 @@ def ensure_image(client, image: str) -> str:
     import docker
 
     base = base_image()
-    tag = f"shoptune/{image}:{definition_digest(image, base)}"
+    tag = f"shoptune/{image}:{digest(definition_files(image), base)}"
     try:
         client.images.get(tag)
         return tag
