@@ -7,6 +7,7 @@ the same install script. IMAGES is the one map from stage to image.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -103,19 +104,23 @@ def local_python(image: str) -> Path:
     python = venv / "bin" / "python"
     stamp = venv / ".shoptune-digest"
     wanted = digest(environment_files(image), sys.version)
-    if python.exists() and stamp.is_file() and stamp.read_text() == wanted:
-        return python
-    print(f"shoptune: building the '{image}' environment in {venv} (once) ...", file=sys.stderr, flush=True)
-    # A venv records its own path in its scripts, so it is built in place; the digest
-    # stamp, written last, marks it complete: an interrupted build is redone next time.
-    stamp.unlink(missing_ok=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    try:
-        subprocess.run(["sh", str(INSTALL_SCRIPT), str(python), str(DOCKER_DIR / image)], check=True)
-    except subprocess.CalledProcessError:
-        raise UserError(f"installing {DOCKER_DIR / image}/requirements.txt failed (see pip's output above)") from None
-    stamp.write_text(wanted)
+    VENVS.mkdir(parents=True, exist_ok=True)
+    with open(VENVS / f".{image}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse it
+        if python.exists() and stamp.is_file() and stamp.read_text() == wanted:
+            return python
+        print(f"shoptune: building the '{image}' environment in {venv} (once) ...", file=sys.stderr, flush=True)
+        # A venv records its own path in its scripts, so it is built in place; the digest
+        # stamp, written last, marks it complete: an interrupted build is redone next time.
+        stamp.unlink(missing_ok=True)
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        try:
+            subprocess.run(["sh", str(INSTALL_SCRIPT), str(python), str(DOCKER_DIR / image)], check=True)
+        except subprocess.CalledProcessError:
+            failed = f"installing {DOCKER_DIR / image}/requirements.txt failed (see pip's output above)"
+            raise UserError(failed) from None
+        stamp.write_text(wanted)
     return python
 
 
