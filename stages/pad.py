@@ -31,7 +31,7 @@ from pathlib import Path
 
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_dir, write_json
-from shoptune.workspace import entrypoint, stage_dir
+from shoptune.workspace import entrypoint, report_errors, stage_dir
 
 log = logging.getLogger("pad")
 
@@ -250,11 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-logits", action="store_true", help="also load both models and compare logits")
     parser.add_argument("--logits-atol", type=float, default=1e-4)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
+
+    def pad_directly():
         if args.group_size < 1 or args.tensor_parallel_size < 1:
             raise UserError("--group-size and --tensor-parallel-size must be positive")
-        report = pad_model(
+        return pad_model(
             args.model_dir,
             args.out_dir,
             args.group_size,
@@ -262,10 +262,8 @@ def main(argv: list[str] | None = None) -> None:
             args.check_logits,
             args.logits_atol,
         )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(report, indent=2))
+
+    print(json.dumps(report_errors(pad_directly), indent=2))
 
 
 if __name__ == "__main__":
