@@ -40,9 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     pad.add_argument("args", nargs=argparse.REMAINDER)
 
     env = commands.add_parser("env", help="build local environments (.venvs/IMAGE)")
-    env.add_argument("images", nargs="*", default=sorted(set(runner.IMAGES.values())))
     images = commands.add_parser("images", help="build Docker images (docker/IMAGE)")
-    images.add_argument("images", nargs="*", default=sorted(set(runner.IMAGES.values())))
+    for command in (env, images):
+        command.add_argument("images", nargs="*", default=sorted(set(runner.IMAGES.values())))
+        command.add_argument(
+            "--accelerator",
+            choices=("cpu", "cuda"),
+            default="cpu",
+            help="which requirement variant (requirements-cpu.txt or -cuda.txt)",
+        )
 
     args = parser.parse_args(argv)
     if os.environ.get("SHOPTUNE_RUNNER") and os.environ["SHOPTUNE_RUNNER"] not in RUNNERS:
@@ -58,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
             status = runner.run(args.command, args.args, args.runner)
         elif args.command == "env":
             for image in args.images:
-                print(runner.local_python(image))
+                print(runner.local_python(image, args.accelerator))
             status = 0
         else:
             client = runner.docker_client()
             for image in args.images:
-                print(runner.ensure_image(client, image))
+                print(runner.ensure_image(client, image, args.accelerator))
             status = 0
     except UserError as err:
         print(f"shoptune: error: {err}", file=sys.stderr)

@@ -82,6 +82,11 @@ def digest(files: list[Path], extra: str = "") -> str:
     return sha.hexdigest()[:16]
 
 
+def accelerator(gpus: bool) -> str:
+    """Which requirement variant an environment takes: requirements-cuda.txt or -cpu.txt."""
+    return "cuda" if gpus else "cpu"
+
+
 def stage_command(stage: str, args: list[str], python: str) -> list[str]:
     return [python, "-m", f"stages.{stage}", *args]
 
@@ -89,7 +94,7 @@ def stage_command(stage: str, args: list[str], python: str) -> list[str]:
 def run(stage: str, args: list[str], runner: str, gpus: bool = False) -> int:
     """Run `python -m stages.<stage> ARGS` in the stage's environment; its exit status."""
     if runner == "local":
-        return run_local(stage, args)
+        return run_local(stage, args, gpus)
     if runner == "docker":
         return run_docker(stage, args, gpus)
     raise UserError(f"unknown runner '{runner}' (local or docker)")
@@ -98,25 +103,27 @@ def run(stage: str, args: list[str], runner: str, gpus: bool = False) -> int:
 # ---------------------------------------------------------------- local runner
 
 
-def local_python(image: str) -> Path:
-    """The interpreter of .venvs/<image>, (re)built when its requirement files change."""
-    venv = VENVS / image
+def local_python(image: str, kind: str = "cpu") -> Path:
+    """The interpreter of .venvs/<image> (.venvs/<image>-cuda for GPUs), (re)built when its
+    requirement files change."""
+    name = image if kind == "cpu" else f"{image}-{kind}"
+    venv = VENVS / name
     python = venv / "bin" / "python"
     stamp = venv / ".shoptune-digest"
-    wanted = digest(environment_files(image), sys.version)
+    wanted = digest(environment_files(image), sys.version + kind)
     VENVS.mkdir(parents=True, exist_ok=True)
-    with open(VENVS / f".{image}.lock", "w") as lock:
+    with open(VENVS / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse it
         if python.exists() and stamp.is_file() and stamp.read_text() == wanted:
             return python
-        print(f"shoptune: building the '{image}' environment in {venv} (once) ...", file=sys.stderr, flush=True)
+        print(f"shoptune: building the '{name}' environment in {venv} (once) ...", file=sys.stderr, flush=True)
         # A venv records its own path in its scripts, so it is built in place; the digest
         # stamp, written last, marks it complete: an interrupted build is redone next time.
         stamp.unlink(missing_ok=True)
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         try:
-            subprocess.run(["sh", str(INSTALL_SCRIPT), str(python), str(DOCKER_DIR / image)], check=True)
+            subprocess.run(["sh", str(INSTALL_SCRIPT), str(python), str(DOCKER_DIR / image), kind], check=True)
         except subprocess.CalledProcessError:
             failed = f"installing {DOCKER_DIR / image}/requirements.txt failed (see pip's output above)"
             raise UserError(failed) from None
@@ -124,8 +131,8 @@ def local_python(image: str) -> Path:
     return python
 
 
-def run_local(stage: str, args: list[str]) -> int:
-    python = local_python(image_of(stage))
+def run_local(stage: str, args: list[str], gpus: bool = False) -> int:
+    python = local_python(image_of(stage), accelerator(gpus))
     env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
     process = subprocess.Popen(stage_command(stage, args, str(python.absolute())), env=env)
     try:
@@ -177,12 +184,14 @@ def docker_client():
     return client
 
 
-def ensure_image(client, image: str) -> str:
-    """Build docker/<image> unless an image of the same definition and base exists; return its tag."""
+def ensure_image(client, image: str, kind: str = "cpu") -> str:
+    """Build docker/<image> unless an image of the same definition, base and accelerator
+    exists; return its tag."""
     import docker
 
     base = base_image()
-    tag = f"shoptune/{image}:{digest(definition_files(image), base)}"
+    name = f"shoptune/{image}" if kind == "cpu" else f"shoptune/{image}-{kind}"
+    tag = f"{name}:{digest(definition_files(image), base + kind)}"
     try:
         client.images.get(tag)
         return tag
@@ -193,7 +202,7 @@ def ensure_image(client, image: str) -> str:
         fileobj=io.BytesIO(build_context(image)),
         custom_context=True,
         tag=tag,
-        buildargs={"BASE_IMAGE": base},
+        buildargs={"BASE_IMAGE": base, "ACCELERATOR": kind},
         rm=True,
         forcerm=True,
         decode=True,
@@ -203,7 +212,7 @@ def ensure_image(client, image: str) -> str:
             sys.stderr.write(chunk["stream"])
         if "error" in chunk:
             raise UserError(f"building {tag} failed: {chunk['error'].strip()}")
-    client.images.get(tag).tag(f"shoptune/{image}", "latest")
+    client.images.get(tag).tag(name, "latest")
     return tag
 
 
@@ -211,7 +220,7 @@ def run_docker(stage: str, args: list[str], gpus: bool = False) -> int:
     import docker
 
     client = docker_client()
-    tag = ensure_image(client, image_of(stage))
+    tag = ensure_image(client, image_of(stage), accelerator(gpus))
     environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
     environment.update(PYTHONPATH=WORKDIR_IN_CONTAINER, HOME="/tmp", PYTHONUNBUFFERED="1")
     device_requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else []

