@@ -55,10 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"SHOPTUNE_RUNNER={os.environ['SHOPTUNE_RUNNER']}: expected one of {', '.join(RUNNERS)}")
     try:
         if args.command == "run":
-            profiles = params.read_profiles()
-            if args.profile not in profiles:
-                raise UserError(f"params.yaml: no profile '{args.profile}' (have: {', '.join(profiles)})")
-            gpus = bool(profiles[args.profile].get("gpus", False))
+            gpus = bool(params.read_profile(args.profile).get("gpus", False))
             status = runner.run(args.stage, ["--profile", args.profile], args.runner, gpus)
         elif args.command in ("evaluate", "pad"):
             status = runner.run(args.command, args.args, args.runner)

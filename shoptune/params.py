@@ -39,13 +39,20 @@ def read_profiles(path: Path = PARAMS_FILE) -> dict:
     return read_params(path)["profiles"]
 
 
-def profile_section(profile: str, section: str, path: Path = PARAMS_FILE) -> dict:
+def read_profile(profile: str, path: Path = PARAMS_FILE) -> dict:
     profiles = read_profiles(path)
     if profile not in profiles:
         raise UserError(f"{path}: no profile '{profile}' (have: {', '.join(profiles)})")
-    if not isinstance(profiles[profile], dict) or section not in profiles[profile]:
+    if not isinstance(profiles[profile], dict):
+        raise UserError(f"{path}: profiles.{profile}: expected a mapping")
+    return profiles[profile]
+
+
+def profile_section(profile: str, section: str, path: Path = PARAMS_FILE) -> dict:
+    sections = read_profile(profile, path)
+    if section not in sections:
         raise UserError(f"{path}: profiles.{profile}.{section}: missing")
-    value = profiles[profile][section]
+    value = sections[section]
     if not isinstance(value, dict):
         raise UserError(f"{path}: profiles.{profile}.{section}: expected a mapping")
     return value

@@ -276,9 +276,8 @@ class TaskScore:
     score: float
 
 
-def score_row(question: Question, response: str, embedder: Embedder, embedding_models: dict[str, str]):
-    """The row's per-sample score (a (tp, fp, fn) triple for micro f1)."""
-    parsed = parse(question.task_type, response)
+def score_parsed(question: Question, parsed, embedder: Embedder, embedding_models: dict[str, str]):
+    """The row's per-sample score of a parsed answer (a (tp, fp, fn) triple for micro f1)."""
     truth = question.output_field
     metric = question.metric
     if metric == "accuracy":

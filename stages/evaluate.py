@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_file, read_jsonl, write_json, write_jsonl
-from shoptune.shopbench import Embedder, aggregate, parse, read_questions, score_row, summarize
+from shoptune.shopbench import Embedder, aggregate, parse, read_questions, score_parsed, summarize
 from shoptune.workspace import entrypoint, report_errors, stage_dir
 
 log = logging.getLogger("evaluate")
@@ -69,12 +69,13 @@ def evaluate_files(
     models = {"sent-transformer": embedding_model, "multilingual-sent-transformer": multilingual_embedding_model}
     scores, rows = [], []
     for q, prediction in tqdm(list(zip(questions, predictions, strict=True)), desc="evaluate", unit="row"):
-        score = score_row(q, prediction, embedder, models)
+        parsed = parse(q.task_type, prediction)
+        score = score_parsed(q, parsed, embedder, models)
         scores.append(score)
         rows.append(
             {
                 "task_name": q.task_name,
-                "parsed": parse(q.task_type, prediction),
+                "parsed": parsed,
                 "truth": q.output_field,
                 "score": list(score) if isinstance(score, tuple) else float(score),
             }
