@@ -3,16 +3,21 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-export PATH := $(CURDIR)/$(BIN):$(PATH)
 DEMO_RUNNER ?= local
 RUNNER ?= docker
 STAGES := synthesize dataset finetune pad quantize infer evaluate
 PROFILE ?= demo
+STAGE_RUNNER = $(if $(filter demo,$(PROFILE)),$(DEMO_RUNNER),$(RUNNER))
+# the docker runner needs the base image first (built locally, no registry)
+BASE_FOR = $(if $(filter docker,$(1)),base-image)
 
-.PHONY: help setup envs demo reproduce test test-fast lint images base-image bench clean clean-stage $(STAGES)
+.PHONY: help setup lock envs images base-image demo demo-rerun reproduce test test-fast lint bench clean \
+	clean-stage $(STAGES)
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_ -]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | expand -t 18
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | expand -t 18
+	@echo "stage targets     one per stage, with what it needs: $(STAGES) clean-stage"
+	@echo "                  (make pad PROFILE=demo; clean-stage runs the clean stage)"
 
 $(BIN)/shoptune: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,24 +25,41 @@ $(BIN)/shoptune: requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	@touch $@
 
-setup: $(BIN)/shoptune  ## create the host environment (.venv: shoptune, DVC, Docker SDK, test tools)
+setup: $(BIN)/shoptune  ## create the host environment (.venv: shoptune, DVC, Docker SDK, uv, test tools)
 
-envs: setup  ## build every stage's local environment (.venvs/IMAGE)
-	shoptune env
+lock: setup  ## regenerate every docker/IMAGE/lock-{cpu,cuda}.txt from the requirements (uv)
+	$(BIN)/shoptune lock --uv $(BIN)/uv
 
-demo: setup  ## run the whole pipeline on the demo profile (CPU, offline; DEMO_RUNNER=local|docker)
-	SHOPTUNE_RUNNER=$(DEMO_RUNNER) dvc repro evaluate@demo
+envs: setup  ## build every stage's local environment (.venvs/IMAGE) from the locked wheels
+	$(BIN)/shoptune --runner local build
+
+base-image:  ## build the local base image shoptune/base:bookworm (debootstrap, no registry)
+	sh docker/base/build.sh
+
+images: setup base-image  ## build every stage's Docker image from the locked wheels (offline build)
+	$(BIN)/shoptune --runner docker build
+
+demo: setup $(call BASE_FOR,$(DEMO_RUNNER))  ## run the whole pipeline on the demo profile (CPU, offline; DEMO_RUNNER=local|docker)
+	$(BIN)/shoptune --runner $(DEMO_RUNNER) build
+	SHOPTUNE_RUNNER=$(DEMO_RUNNER) $(BIN)/dvc repro evaluate@demo
 	@cat runs/demo/evaluate/report.md
 
-reproduce: setup  ## run the paper's recipe (GPU host, Docker; needs the data and base model, see README)
-	SHOPTUNE_RUNNER=$(RUNNER) dvc repro evaluate@paper
+demo-rerun: setup $(call BASE_FOR,$(DEMO_RUNNER))  ## run every demo stage again even if up to date (e.g. DEMO_RUNNER=docker after a local run)
+	$(BIN)/shoptune --runner $(DEMO_RUNNER) build
+	SHOPTUNE_RUNNER=$(DEMO_RUNNER) $(BIN)/dvc repro --force evaluate@demo
+	@cat runs/demo/evaluate/report.md
 
-STAGE_RUNNER = $(if $(filter demo,$(PROFILE)),$(DEMO_RUNNER),$(RUNNER))
-$(STAGES): setup  ## one target per stage (clean-stage for clean): make pad PROFILE=demo
-	SHOPTUNE_RUNNER=$(STAGE_RUNNER) dvc repro $@@$(PROFILE)
+reproduce: setup $(call BASE_FOR,$(RUNNER))  ## run the paper's recipe (GPU host, Docker; needs the data and base model, see README)
+	$(BIN)/shoptune --runner $(RUNNER) build --accelerator cuda
+	SHOPTUNE_RUNNER=$(RUNNER) $(BIN)/dvc repro evaluate@paper
 
-clean-stage: setup  ## the clean stage (make clean removes outputs)
-	SHOPTUNE_RUNNER=$(STAGE_RUNNER) dvc repro clean@$(PROFILE)
+$(STAGES): setup $(call BASE_FOR,$(STAGE_RUNNER))
+	$(BIN)/shoptune --runner $(STAGE_RUNNER) build
+	SHOPTUNE_RUNNER=$(STAGE_RUNNER) $(BIN)/dvc repro $@@$(PROFILE)
+
+clean-stage: setup $(call BASE_FOR,$(STAGE_RUNNER))
+	$(BIN)/shoptune --runner $(STAGE_RUNNER) build
+	SHOPTUNE_RUNNER=$(STAGE_RUNNER) $(BIN)/dvc repro clean@$(PROFILE)
 
 test: setup  ## run every test (unit, DVC end to end, Docker); sets up what it needs
 	$(BIN)/pytest -v
@@ -48,14 +70,8 @@ test-fast: setup  ## the tests that need neither Docker nor the demo pipeline
 lint: setup  ## ruff
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-base-image:  ## build the local base image shoptune/base:bookworm (debootstrap, no registry)
-	sh docker/base/build.sh
-
-images: setup base-image  ## build every stage's Docker image
-	shoptune images
-
 bench: setup  ## benchmarks (timings go to runs/bench/)
 	$(BIN)/python -m tests.bench
 
-clean:  ## remove pipeline outputs and checkpoints (keeps environments and DVC cache)
+clean:  ## remove pipeline outputs and checkpoints (keeps environments, wheelhouse and DVC cache)
 	rm -rf runs models

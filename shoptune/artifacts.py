@@ -1,4 +1,5 @@
-"""Writing stage outputs so that a crash never leaves a half-written file or folder.
+"""Writing stage outputs so that a crash never leaves a half-written file or folder, and the
+same inputs give the same bytes.
 
 Every output is written under a temporary name beside its final path and renamed
 into place once complete; a rename within one filesystem is atomic.
@@ -10,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -95,3 +97,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 raise UserError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
+
+
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Put the __metadata__ of a safetensors file in key order, in place.
+
+    safetensors writes __metadata__ from a Rust HashMap, whose order changes from process to
+    process: with two entries or more (AutoAWQ records the tied lm_head), the same weights
+    give different bytes. Only the header's bytes are rewritten; its length does not change.
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(text) > length:
+            raise ValueError(f"{path}: the sorted safetensors header does not fit ({len(text)} > {length} bytes)")
+        handle.seek(8)
+        handle.write(text.ljust(length, b" "))

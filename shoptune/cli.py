@@ -3,8 +3,8 @@
     shoptune run STAGE --profile P [--runner local|docker]
     shoptune evaluate QUESTIONS.jsonl PREDICTIONS.jsonl --out METRICS.json
     shoptune pad MODEL_DIR OUT_DIR --group-size N --tensor-parallel-size N
-    shoptune env IMAGE...            build the local environments
-    shoptune images IMAGE...         build the Docker images
+    shoptune build [IMAGE...]        build the runner's environments (venvs or images)
+    shoptune lock [IMAGE...]         regenerate docker/<image>/lock-*.txt from the requirements
 
 The runner is --runner, else $SHOPTUNE_RUNNER, else local.
 """
@@ -15,12 +15,15 @@ import argparse
 import os
 import sys
 
-from shoptune import UserError, params, runner
+from shoptune import UserError, environments, params, runner
 
 RUNNERS = ("local", "docker")
+# Commands whose arguments belong to the stage program (its own --help included).
+DIRECT = ("evaluate", "pad")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="shoptune", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--runner",
@@ -34,39 +37,36 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("stage", choices=list(runner.IMAGES))
     run.add_argument("--profile", required=True)
 
-    evaluate = commands.add_parser("evaluate", help="score predictions as ShopBench does", add_help=False)
-    evaluate.add_argument("args", nargs=argparse.REMAINDER)
-    pad = commands.add_parser("pad", help="pad a model's MLP for AWQ under tensor parallelism", add_help=False)
-    pad.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser("evaluate", help="score predictions as ShopBench does (shoptune evaluate --help)")
+    commands.add_parser("pad", help="pad a model's MLP for AWQ under tensor parallelism (shoptune pad --help)")
 
-    env = commands.add_parser("env", help="build local environments (.venvs/IMAGE)")
-    images = commands.add_parser("images", help="build Docker images (docker/IMAGE)")
-    for command in (env, images):
-        command.add_argument("images", nargs="*", default=sorted(set(runner.IMAGES.values())))
-        command.add_argument(
-            "--accelerator",
-            choices=("cpu", "cuda"),
-            default="cpu",
-            help="which requirement variant (requirements-cpu.txt or -cuda.txt)",
-        )
+    build = commands.add_parser("build", help="build the runner's environments: .venvs/IMAGE or Docker images")
+    lock = commands.add_parser("lock", help="regenerate docker/IMAGE/lock-*.txt (uv) from the requirements")
+    for command in (build, lock):
+        command.add_argument("images", nargs="*", default=environments.images())
+    build.add_argument("--accelerator", choices=environments.ACCELERATORS, default="cpu", help="which lock to install")
+    lock.add_argument("--uv", default="uv", help="the uv executable (default: uv on the PATH)")
 
-    args = parser.parse_args(argv)
+    # evaluate and pad hand every argument after their name to the stage program
+    split = command_position(argv)
+    split = split if split is not None and argv[split] in DIRECT else None
+    args = parser.parse_args(argv if split is None else argv[: split + 1])
     if os.environ.get("SHOPTUNE_RUNNER") and os.environ["SHOPTUNE_RUNNER"] not in RUNNERS:
         parser.error(f"SHOPTUNE_RUNNER={os.environ['SHOPTUNE_RUNNER']}: expected one of {', '.join(RUNNERS)}")
     try:
         if args.command == "run":
-            gpus = bool(params.read_profile(args.profile).get("gpus", False))
-            status = runner.run(args.stage, ["--profile", args.profile], args.runner, gpus)
-        elif args.command in ("evaluate", "pad"):
-            status = runner.run(args.command, args.args, args.runner)
-        elif args.command == "env":
+            profile = params.load_profile(args.profile)  # the whole profile checked before anything runs
+            status = runner.run(args.stage, ["--profile", args.profile], args.runner, profile.gpus, args.profile)
+        elif args.command in DIRECT:
+            status = runner.run(args.command, argv[split + 1 :], args.runner)
+        elif args.command == "build":
             for image in args.images:
-                print(runner.local_python(image, args.accelerator))
+                print(runner.build(args.runner, image, args.accelerator))
             status = 0
         else:
-            client = runner.docker_client()
             for image in args.images:
-                print(runner.ensure_image(client, image, args.accelerator))
+                for accelerator in environments.ACCELERATORS:
+                    print(environments.compile_lock(image, accelerator, args.uv))
             status = 0
     except UserError as err:
         print(f"shoptune: error: {err}", file=sys.stderr)
@@ -74,3 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(status)
+
+
+def command_position(argv: list[str]) -> int | None:
+    """Where the command's name stands in argv (after the global options)."""
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--runner":
+            i += 2
+        elif argv[i].startswith("-"):
+            i += 1
+        else:
+            return i
+    return None

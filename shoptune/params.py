@@ -19,8 +19,11 @@ from pathlib import Path
 import yaml
 
 from shoptune import UserError
+from shoptune.profile import Profile, TinyModelParams
 
 PARAMS_FILE = Path("params.yaml")
+# params.yaml: the demo's tiny model (shared by every profile) and the profiles
+TOP_LEVEL_KEYS = {"tiny_model", "profiles"}
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict:
@@ -46,6 +49,18 @@ def read_profile(profile: str, path: Path = PARAMS_FILE) -> dict:
     if not isinstance(profiles[profile], dict):
         raise UserError(f"{path}: profiles.{profile}: expected a mapping")
     return profiles[profile]
+
+
+def load_profile(profile: str, path: Path = PARAMS_FILE) -> Profile:
+    """The whole profile, every section checked: an unknown key anywhere, a wrong type or a
+    section of the wrong shape is a UserError naming the key."""
+    data = read_params(path)
+    unknown = sorted(set(data) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise UserError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    if "tiny_model" in data:
+        load_shared("tiny_model", TinyModelParams, path)
+    return parse(read_profile(profile, path), Profile, f"{path}: profiles.{profile}")
 
 
 def profile_section(profile: str, section: str, path: Path = PARAMS_FILE) -> dict:

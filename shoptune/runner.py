@@ -1,24 +1,29 @@
 """Running a stage in its environment: a local virtual environment or a Docker container.
 
-Each image of docker/<image>/ (Dockerfile + requirements) is the single definition of an
-environment; the local runner builds .venvs/<image> from the same requirement files with
-the same install script. IMAGES is the one map from stage to image.
+IMAGES is the one map from stage to environment (docker/<image>/). Both runners install
+the same locked wheels (shoptune/environments.py), so a stage gives the same bytes either
+way. Every run of a pipeline stage leaves runs/<profile>/<stage>/provenance.json beside its
+outputs: what ran, where, from which commit and lock, when (DVC hashes none of it).
 """
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import hashlib
-import io
 import os
+import platform
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-from shoptune import UserError
+from shoptune import UserError, environments
+from shoptune.artifacts import write_json
+from shoptune.environments import REPOSITORY, say
+from shoptune.workspace import checkpoints_dir, stage_dir
 
 IMAGES = {
     "synthesize": "data",
@@ -31,27 +36,23 @@ IMAGES = {
     "infer": "infer",
     "evaluate": "eval",
 }
-
-
-def code_root() -> Path:
-    """The checkout whose stages/ and docker/ are run: the current folder when it is one
-    (a DVC run in any clone), else the checkout this package was installed from."""
-    here = Path.cwd()
-    if (here / "stages" / "__init__.py").is_file() and (here / "docker").is_dir():
-        return here
-    return Path(__file__).resolve().parents[1]
-
-
-REPOSITORY = code_root()
-DOCKER_DIR = REPOSITORY / "docker"
-INSTALL_SCRIPT = DOCKER_DIR / "install-requirements.sh"
+# Only these stages reach the network in a container (the API of an LLM).
+NETWORK_STAGES = {"synthesize"}
 # Local environments; SHOPTUNE_VENVS lets several clones share one set.
 VENVS = Path(os.environ.get("SHOPTUNE_VENVS", REPOSITORY / ".venvs"))
-DEFAULT_BASE_IMAGE = "shoptune/base:bookworm"
 WORKDIR_IN_CONTAINER = "/workspace"
 # Variables a stage may need at run time; their values are passed to the process or
-# container, never written to an image, a log or an output.
-PASSED_ENVIRONMENT = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY")
+# container, never written to an image, a log or an output: keys, and the host's threading
+# and BLAS kernel settings (OpenBLAS picks another kernel without them, and numpy's results
+# differ in the last bits from the local runner's).
+PASSED_ENVIRONMENT = (
+    *("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY"),
+    *("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"),
+)
+# Set for every stage, whatever the runner: a fixed hash seed (AutoAWQ's output depends on
+# the order of a set: without it the demo's AWQ weights differ from run to run), and where
+# unsloth writes the kernels it compiles (by default the current folder: the repository).
+STAGE_ENVIRONMENT = {"PYTHONHASHSEED": "0", "UNSLOTH_COMPILE_LOCATION": f"/tmp/unsloth_compiled_cache-{os.getuid()}"}
 
 
 def image_of(stage: str) -> str:
@@ -60,30 +61,8 @@ def image_of(stage: str) -> str:
     return IMAGES[stage]
 
 
-def environment_files(image: str) -> list[Path]:
-    """What defines an image's Python environment: the install script and its requirements."""
-    folder = DOCKER_DIR / image
-    if not (folder / "requirements.txt").is_file():
-        raise UserError(f"{folder}/requirements.txt: no such file (images: {', '.join(sorted(set(IMAGES.values())))})")
-    return [INSTALL_SCRIPT, *sorted(folder.glob("requirements*.txt"))]
-
-
-def definition_files(image: str) -> list[Path]:
-    """What defines an image: its environment and docker/<image>/Dockerfile if it has its
-    own, else the shared docker/Dockerfile."""
-    own = DOCKER_DIR / image / "Dockerfile"
-    return [*environment_files(image), own if own.is_file() else DOCKER_DIR / "Dockerfile"]
-
-
-def digest(files: list[Path], extra: str = "") -> str:
-    sha = hashlib.sha256(extra.encode())
-    for path in files:
-        sha.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return sha.hexdigest()[:16]
-
-
 def accelerator(gpus: bool) -> str:
-    """Which requirement variant an environment takes: requirements-cuda.txt or -cpu.txt."""
+    """Which lock an environment installs: lock-cuda.txt or lock-cpu.txt."""
     return "cuda" if gpus else "cpu"
 
 
@@ -91,49 +70,74 @@ def stage_command(stage: str, args: list[str], python: str) -> list[str]:
     return [python, "-m", f"stages.{stage}", *args]
 
 
-def run(stage: str, args: list[str], runner: str, gpus: bool = False) -> int:
-    """Run `python -m stages.<stage> ARGS` in the stage's environment; its exit status."""
+def build(runner: str, image: str, kind: str = "cpu") -> str:
+    """Build (or find up to date) what `runner` needs for `image`: a venv's python or an image tag."""
     if runner == "local":
-        return run_local(stage, args, gpus)
+        return str(local_python(image, kind))
     if runner == "docker":
-        return run_docker(stage, args, gpus)
+        from shoptune import containers
+
+        return containers.ensure_image(containers.client(), image, kind)
     raise UserError(f"unknown runner '{runner}' (local or docker)")
+
+
+def run(stage: str, args: list[str], runner: str, gpus: bool = False, profile: str | None = None) -> int:
+    """Run `python -m stages.<stage> ARGS` in the stage's environment; its exit status.
+    With a profile (a pipeline stage), the container may write only the stage's folders and
+    the run leaves its provenance record."""
+    image, kind = image_of(stage), accelerator(gpus)
+    if runner not in ("local", "docker"):
+        raise UserError(f"unknown runner '{runner}' (local or docker)")
+    built = build(runner, image, kind)  # before anything runs: a failed build changes nothing
+    started = now()
+    if runner == "local":
+        status = run_local(stage, args, Path(built))
+    else:
+        status = run_docker(stage, args, built, gpus, profile)
+    if profile is not None:
+        record = provenance(stage, profile, runner, image, kind, built, started, status)
+        write_json(stage_dir(profile, stage) / "provenance.json", record)
+    return status
 
 
 # ---------------------------------------------------------------- local runner
 
 
 def local_python(image: str, kind: str = "cpu") -> Path:
-    """The interpreter of .venvs/<image> (.venvs/<image>-cuda for GPUs), (re)built when its
-    requirement files change."""
+    """The interpreter of .venvs/<image> (.venvs/<image>-cuda for GPUs), (re)built from the
+    wheelhouse when its lock changes."""
     name = image if kind == "cpu" else f"{image}-{kind}"
     venv = VENVS / name
     python = venv / "bin" / "python"
-    stamp = venv / ".shoptune-digest"
-    wanted = digest(environment_files(image), sys.version + kind)
+    stamp = venv / ".shoptune-lock"
+    wanted = (
+        f"{environments.lock_digest(image, kind)} {sys.version.split()[0]} {_file_digest(environments.INSTALL_SCRIPT)}"
+    )
+    environments.read_lock(image, kind)  # a stale lock is an error before anything is built
     VENVS.mkdir(parents=True, exist_ok=True)
     with open(VENVS / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse it
         if python.exists() and stamp.is_file() and stamp.read_text() == wanted:
             return python
-        print(f"shoptune: building the '{name}' environment in {venv} (once) ...", file=sys.stderr, flush=True)
-        # A venv records its own path in its scripts, so it is built in place; the digest
-        # stamp, written last, marks it complete: an interrupted build is redone next time.
+        listing, wheels = environments.wheelhouse(image, kind)
+        say(f"building the '{name}' environment in {venv}: {len(wheels)} locked wheels ...")
+        # A venv records its own path in its scripts, so it is built in place; the stamp,
+        # written last, marks it complete: an interrupted build is redone next time.
         stamp.unlink(missing_ok=True)
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        try:
-            subprocess.run(["sh", str(INSTALL_SCRIPT), str(python), str(DOCKER_DIR / image), kind], check=True)
-        except subprocess.CalledProcessError:
-            failed = f"installing {DOCKER_DIR / image}/requirements.txt failed (see pip's output above)"
-            raise UserError(failed) from None
+        environments.install(python, listing)
         stamp.write_text(wanted)
+        say(f"environment '{name}' ready")
     return python
 
 
-def run_local(stage: str, args: list[str], gpus: bool = False) -> int:
-    python = local_python(image_of(stage), accelerator(gpus))
-    env = dict(os.environ, PYTHONPATH=str(REPOSITORY))
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run_local(stage: str, args: list[str], python: Path) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPOSITORY), **STAGE_ENVIRONMENT)
     process = subprocess.Popen(stage_command(stage, args, str(python.absolute())), env=env)
     try:
         return process.wait()
@@ -145,105 +149,76 @@ def run_local(stage: str, args: list[str], gpus: bool = False) -> int:
 # ---------------------------------------------------------------- docker runner
 
 
-def ca_bundle() -> bytes:
-    """The CA certificates the build trusts: the system's, plus SHOPTUNE_EXTRA_CA_BUNDLE if set."""
-    system = Path(os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"))
-    data = system.read_bytes() if system.is_file() else b""
-    extra = os.environ.get("SHOPTUNE_EXTRA_CA_BUNDLE")
-    if extra:
-        if not Path(extra).is_file():
-            raise UserError(f"SHOPTUNE_EXTRA_CA_BUNDLE={extra}: no such file")
-        data += b"\n" + Path(extra).read_bytes()
-    return data
+def run_docker(stage: str, args: list[str], tag: str, gpus: bool = False, profile: str | None = None) -> int:
+    from shoptune import containers
 
-
-def build_context(image: str) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in definition_files(image):
-            tar.add(path, arcname=path.name)
-        data = ca_bundle()
-        info = tarfile.TarInfo("ca-bundle.pem")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def base_image() -> str:
-    return os.environ.get("SHOPTUNE_BASE_IMAGE", DEFAULT_BASE_IMAGE)
-
-
-def docker_client():
-    import docker
-
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as err:  # the SDK raises several types for "no engine"
-        raise UserError(f"cannot reach the Docker engine ({type(err).__name__}); is dockerd running?") from None
-    return client
-
-
-def ensure_image(client, image: str, kind: str = "cpu") -> str:
-    """Build docker/<image> unless an image of the same definition, base and accelerator
-    exists; return its tag."""
-    import docker
-
-    base = base_image()
-    name = f"shoptune/{image}" if kind == "cpu" else f"shoptune/{image}-{kind}"
-    tag = f"{name}:{digest(definition_files(image), base + kind)}"
-    try:
-        client.images.get(tag)
-        return tag
-    except docker.errors.ImageNotFound:
-        pass
-    print(f"shoptune: building image {tag} from {DOCKER_DIR / image} (base {base}) ...", file=sys.stderr, flush=True)
-    stream = client.api.build(
-        fileobj=io.BytesIO(build_context(image)),
-        custom_context=True,
-        tag=tag,
-        buildargs={"BASE_IMAGE": base, "ACCELERATOR": kind},
-        rm=True,
-        forcerm=True,
-        decode=True,
-    )
-    for chunk in stream:
-        if "stream" in chunk:
-            sys.stderr.write(chunk["stream"])
-        if "error" in chunk:
-            raise UserError(f"building {tag} failed: {chunk['error'].strip()}")
-    client.images.get(tag).tag(name, "latest")
-    return tag
-
-
-def run_docker(stage: str, args: list[str], gpus: bool = False) -> int:
-    import docker
-
-    client = docker_client()
-    tag = ensure_image(client, image_of(stage), accelerator(gpus))
     environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
-    environment.update(PYTHONPATH=WORKDIR_IN_CONTAINER, HOME="/tmp", PYTHONUNBUFFERED="1")
-    device_requests = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else []
-    container = client.containers.run(
+    environment.update(PYTHONPATH=WORKDIR_IN_CONTAINER, HOME="/tmp", PYTHONUNBUFFERED="1", **STAGE_ENVIRONMENT)
+    return containers.run(
+        containers.client(),
         tag,
         stage_command(stage, args, "python"),
-        detach=True,
-        user=f"{os.getuid()}:{os.getgid()}",
-        working_dir=WORKDIR_IN_CONTAINER,
-        volumes={os.getcwd(): {"bind": WORKDIR_IN_CONTAINER, "mode": "rw"}},
+        labels={
+            "shoptune.workspace": str(Path.cwd()),
+            "shoptune.stage": stage,
+            "shoptune.profile": profile or "",
+        },
         environment=environment,
-        device_requests=device_requests,
-        shm_size="8g" if gpus else None,
-        labels={"shoptune.stage": stage},
+        writable=writable_dirs(stage, profile) if profile else [],
+        network=stage in NETWORK_STAGES or profile is None,
+        gpus=gpus,
     )
-    try:
-        for chunk in container.logs(stream=True, follow=True):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-        return container.wait()["StatusCode"]
-    except KeyboardInterrupt:
-        print(f"\nshoptune: stopping container {container.short_id} ...", file=sys.stderr)
-        container.stop(timeout=10)
-        return 130
-    finally:
-        container.remove(force=True)
+
+
+def writable_dirs(stage: str, profile: str) -> list[Path]:
+    """What a pipeline stage may write: its own folder and checkpoints (the demo's model: models/)."""
+    if stage == "tiny_model":
+        return [Path("models"), stage_dir(profile, stage)]
+    return [stage_dir(profile, stage), checkpoints_dir(profile, stage)]
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def provenance(stage, profile, runner, image, kind, built, started, status) -> dict:
+    """Who ran what, where: the record each pipeline stage leaves beside its outputs."""
+    record = {
+        "stage": stage,
+        "profile": profile,
+        "exit_status": status,
+        "runner": runner,
+        "environment": f"{image}/{kind}",
+        "lock": f"docker/{image}/lock-{kind}.txt",
+        "lock_sha256": environments.lock_digest(image, kind),
+        "image": None,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "gpus": _gpus(),
+        "started": started,
+        "ended": now(),
+    }
+    if record["git_commit"]:
+        record["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    if runner == "docker":
+        from shoptune import containers
+
+        record["image"] = {"tag": built, "id": containers.client().images.get(built).id}
+    return record
+
+
+def _git(*args: str) -> str | None:
+    result = subprocess.run(["git", *args], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _gpus() -> list[str]:
+    if not shutil.which("nvidia-smi"):
+        return []
+    result = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()] if result.returncode == 0 else []

@@ -12,25 +12,19 @@ and it must not repeat an item already accepted.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from collections import Counter
 
 from shoptune import params
 from shoptune.artifacts import read_jsonl, write_json, write_jsonl
+from shoptune.profile import CleanParams
 from shoptune.workspace import entrypoint, stage_dir
 
 log = logging.getLogger("clean")
 
 OPTION = re.compile(r"^\s*(\d+)[.)]\s+(\S.*?)\s*$")
 ITEM_START = re.compile(r"\n\s*\n|\n(?=The product)")
-
-
-@dataclasses.dataclass
-class CleanParams:
-    min_options: int
-    max_options: int
 
 
 class Rejected(Exception):

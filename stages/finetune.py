@@ -23,31 +23,10 @@ import unsloth  # noqa: F401  (must be imported before transformers, trl and pef
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_dir, atomic_file, dumps, read_jsonl, write_json
 from shoptune.ecinstruct import alpaca_prompt
+from shoptune.profile import FinetuneParams
 from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
 log = logging.getLogger("finetune")
-
-
-@dataclasses.dataclass
-class FinetuneParams:
-    base_model: str
-    max_seq_length: int
-    load_in_4bit: bool
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    target_modules: list[str]
-    per_device_train_batch_size: int
-    gradient_accumulation_steps: int
-    max_steps: int
-    learning_rate: float
-    warmup_steps: int
-    optim: str
-    weight_decay: float
-    lr_scheduler_type: str
-    logging_steps: int
-    save_steps: int
-    seed: int
 
 
 def finetune(profile: str) -> None:

@@ -17,7 +17,6 @@ the option numbers found in the question (what the winning team did), so it alwa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 import time
@@ -25,34 +24,11 @@ from pathlib import Path
 
 from shoptune import UserError, params
 from shoptune.artifacts import write_json, write_jsonl
+from shoptune.profile import InferParams, Sampling
 from shoptune.shopbench import Question, prompt_for, read_questions
 from shoptune.workspace import entrypoint, stage_dir
 
 log = logging.getLogger("infer")
-
-
-@dataclasses.dataclass
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-
-
-@dataclasses.dataclass
-class InferParams:
-    backend: str
-    model: str
-    questions: str
-    tensor_parallel_size: int
-    dtype: str
-    batch_size: int
-    max_model_len: int
-    gpu_memory_utilization: float
-    seed: int
-    constrain_choices: bool
-    multiple_choice: Sampling
-    other: Sampling
 
 
 OPTION_NUMBER = re.compile(r"^\s*(\d)[.)]\s", re.MULTILINE)
@@ -227,7 +203,6 @@ def infer(profile: str) -> None:
             "model_dir": str(model_dir),
             "note": "" if p.model == "quantized" else "inferred with the padded 16-bit model, not the AWQ one",
             "questions": len(questions),
-            "seconds": round(seconds, 2),
         },
     )
     log.info("%d predictions in %.1f s", len(answers), seconds)

@@ -21,7 +21,6 @@ Also a direct command: shoptune pad MODEL_DIR OUT_DIR --group-size N --tensor-pa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_dir, write_json
+from shoptune.profile import PadParams
 from shoptune.workspace import entrypoint, report_errors, stage_dir
 
 log = logging.getLogger("pad")
@@ -41,12 +41,6 @@ CHECK_PROMPTS = [
     "Produkt: Edelstahl Thermoskanne 1 Liter. Welche Farbe hat sie?",
     "商品「竹製 お箸 5膳セット」の素材はどれですか？",
 ]
-
-
-@dataclasses.dataclass
-class PadParams:
-    check_logits: bool
-    logits_atol: float
 
 
 def padded_size(intermediate_size: int, group_size: int, tensor_parallel_size: int) -> int:

@@ -11,28 +11,18 @@ unpacking (no AWQ kernel needed) and the model's logits compared with the padded
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
 from pathlib import Path
 
 from shoptune import UserError, params
-from shoptune.artifacts import atomic_dir, read_jsonl, write_json
+from shoptune.artifacts import atomic_dir, read_jsonl, sort_safetensors_metadata, write_json
 from shoptune.ecinstruct import alpaca_prompt
+from shoptune.profile import QuantizeParams
 from shoptune.workspace import entrypoint, stage_dir
 
 log = logging.getLogger("quantize")
-
-
-@dataclasses.dataclass
-class QuantizeParams:
-    w_bit: int
-    q_group_size: int
-    zero_point: bool
-    version: str
-    calib_samples: int
-    calib_max_len: int
 
 
 def calibration_texts(rows: list[dict], count: int, seed: int = 0) -> list[str]:
@@ -114,6 +104,8 @@ def quantize(profile: str) -> None:
     folder = stage_dir(profile, "quantize")
     with atomic_dir(folder / "model") as out:
         model.save_quantized(str(out))
+        for shard in out.glob("*.safetensors"):
+            sort_safetensors_metadata(shard)  # the same weights, the same bytes
         tokenizer.save_pretrained(out)
         check = compare_with_reference(
             padded, out, held_out or calibration_texts(rows, 4, seed=1), p.w_bit, p.q_group_size

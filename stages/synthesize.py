@@ -34,29 +34,10 @@ from tqdm import tqdm
 from shoptune import UserError, params
 from shoptune.artifacts import dumps, read_jsonl, write_json, write_jsonl
 from shoptune.catalog import Product, read_catalog
+from shoptune.profile import SynthesizeParams
 from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
 log = logging.getLogger("synthesize")
-
-
-@dataclasses.dataclass
-class SynthesizeParams:
-    catalog: str
-    fewshot: str
-    backend: str
-    model: str
-    base_url: str | None
-    api_key_env: str
-    api_version: str | None
-    questions_per_product: int
-    options_per_question: int
-    temperature: float
-    max_tokens: int
-    top_p: float
-    concurrency: int
-    max_retries: int
-    max_products: int | None
-    seed: int
 
 
 ITEM_OPENING = "The product '{title}' appears on an e-commerce website."

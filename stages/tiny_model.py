@@ -8,12 +8,12 @@ No hub is contacted.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 from shoptune import params
 from shoptune.artifacts import atomic_dir
+from shoptune.profile import TinyModelParams
 from shoptune.workspace import entrypoint
 
 log = logging.getLogger("tiny_model")
@@ -29,19 +29,6 @@ CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-@dataclasses.dataclass
-class TinyModelParams:
-    out: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    max_position_embeddings: int
-    vocab_size: int
-    seed: int
 
 
 def qwen2_tokenizer():

@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_BIN = Path(sys.executable).parent
+# Copies of the repository share the checkout's environments and wheelhouse.
+SHARED = {"SHOPTUNE_VENVS": str(ROOT / ".venvs"), "SHOPTUNE_WHEELHOUSE": str(ROOT / ".wheelhouse")}
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,16 @@ def stage_python():
     from shoptune import runner
 
     return lambda image: str(runner.local_python(image).absolute())
+
+
+@pytest.fixture(scope="session")
+def images(docker_client):
+    """Every stage image (cpu), built once for the whole test run: {image: tag}."""
+    from shoptune import containers, environments
+
+    if not docker_client.images.list(name=containers.base_image()):
+        subprocess.run(["sh", str(ROOT / "docker" / "base" / "build.sh")], check=True)
+    return {image: containers.ensure_image(docker_client, image) for image in environments.images()}
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +53,7 @@ def shoptune(*args: str, cwd: Path = ROOT, env: dict | None = None, check: bool 
     result = subprocess.run(
         [str(HOST_BIN / "shoptune"), *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **SHARED, **(env or {})},
         capture_output=True,
         text=True,
     )
@@ -51,7 +63,8 @@ def shoptune(*args: str, cwd: Path = ROOT, env: dict | None = None, check: bool 
 
 
 def copy_repository(dest: Path) -> Path:
-    """A clean copy of the tracked files (and the working tree's changes to them)."""
+    """A clean copy of the tracked files (and the working tree's changes to them), with the
+    checkout's host environment as its .venv (dvc.yaml runs .venv/bin/shoptune)."""
     files = (
         subprocess.run(
             ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True, capture_output=True
@@ -66,4 +79,5 @@ def copy_repository(dest: Path) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
             target.chmod(source.stat().st_mode)
+    (dest / ".venv").symlink_to(ROOT / ".venv")
     return dest

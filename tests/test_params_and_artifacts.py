@@ -1,9 +1,12 @@
 import dataclasses
+import json
+import struct
 
 import pytest
 
 from shoptune import UserError, params
-from shoptune.artifacts import atomic_dir, atomic_file, read_jsonl
+from shoptune.artifacts import atomic_dir, atomic_file, read_jsonl, sort_safetensors_metadata
+from tests.conftest import ROOT
 
 
 @dataclasses.dataclass
@@ -51,16 +54,51 @@ def test_unknown_profile_and_bad_yaml(tmp_path):
         params.load("p", "s", Example, path)
 
 
-def test_the_repository_params_load_for_every_stage():
-    """Every stage's schema accepts both profiles of the real params.yaml."""
-    from stages.clean import CleanParams
-    from stages.dataset import DatasetParams
-    from stages.synthesize import SynthesizeParams
-
+def test_the_repository_params_load_as_whole_profiles():
+    """Every section of both profiles of the real params.yaml passes the schema."""
     for profile in ("demo", "paper"):
-        params.load(profile, "synthesize", SynthesizeParams)
-        params.load(profile, "clean", CleanParams)
-        params.load(profile, "dataset", DatasetParams)
+        loaded = params.load_profile(profile)
+        assert loaded.infer.multiple_choice.max_new_tokens == 1
+    assert params.load_profile("demo").gpus is False and params.load_profile("paper").gpus is True
+
+
+def repository_params_with(tmp_path, old: str, new: str):
+    """The real params.yaml with the first `old` after the demo profile's start replaced."""
+    text = (ROOT / "params.yaml").read_text()
+    start = text.index("  demo:")
+    assert old in text[start:], old
+    return write(tmp_path, text[:start] + text[start:].replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("    gpus: false", "    gpu: true", r"profiles.demo.gpu: unknown key"),
+        ("    gpus: false", "    gpus: 'no'", r"profiles.demo.gpus: expected true or false, got 'no'"),
+        ("      constrain_choices: true", "      constrain_choices: 'yes'", r"profiles.demo.infer.constrain_choices"),
+        (
+            "      multiple_choice: {max_new_tokens: 1,",
+            "      multiple_choice: {max_new_token: 1,",
+            r"infer.multiple_choice.max_new_token: unknown key",
+        ),
+        (
+            "    clean:\n      min_options: 2\n      max_options: 10\n",
+            "    clean: [2, 10]\n",
+            r"profiles.demo.clean: expected a mapping",
+        ),
+        ("    evaluate:", "    evaluation:", r"profiles.demo.evaluation: unknown key"),
+    ],
+)
+def test_a_profile_with_a_typo_anywhere_names_the_key(tmp_path, old, new, message):
+    path = repository_params_with(tmp_path, old, new)
+    with pytest.raises(UserError, match=message):
+        params.load_profile("demo", path)
+
+
+def test_an_unknown_top_level_key_is_named(tmp_path):
+    path = write(tmp_path, (ROOT / "params.yaml").read_text() + "\nprofile:\n  x: {}\n")
+    with pytest.raises(UserError, match=r"params.yaml: profile: unknown key"):
+        params.load_profile("demo", path)
 
 
 def test_paper_profile_pads_29568_to_29696():
@@ -99,3 +137,24 @@ def test_read_jsonl_names_file_and_line(tmp_path):
         read_jsonl(path)
     with pytest.raises(UserError, match=r"nothing.jsonl: no such file"):
         read_jsonl(tmp_path / "nothing.jsonl")
+
+
+def safetensors_bytes(metadata: dict, tensors: dict[str, bytes]) -> bytes:
+    header, offset = {"__metadata__": metadata}, 0
+    for name, data in tensors.items():
+        header[name] = {"dtype": "U8", "shape": [len(data)], "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text = text.ljust(-(-len(text) // 8) * 8, b" ")
+    return struct.pack("<Q", len(text)) + text + b"".join(tensors.values())
+
+
+def test_safetensors_metadata_is_put_in_key_order_in_place(tmp_path):
+    tensors = {"a": b"\x01\x02", "b": b"\x03"}
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors_bytes({"lm_head.weight": "model.embed_tokens.weight", "format": "pt"}, tensors))
+    sort_safetensors_metadata(path)
+    wanted = safetensors_bytes({"format": "pt", "lm_head.weight": "model.embed_tokens.weight"}, tensors)
+    assert path.read_bytes() == wanted
+    sort_safetensors_metadata(path)  # already in order: unchanged
+    assert path.read_bytes() == wanted

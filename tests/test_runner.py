@@ -1,41 +1,50 @@
-"""The runner's image definitions and build context (the builds themselves: test_docker.py)."""
+"""The runner's pieces that need no engine (the builds and containers themselves: test_docker.py)."""
 
-import io
-import tarfile
+from pathlib import Path
 
 import pytest
 
-from shoptune import UserError, runner
+from shoptune import UserError, cli, containers, environments, runner
 
 
-def test_every_stage_has_an_environment():
+def test_every_stage_has_an_environment_with_both_locks():
     for stage, image in runner.IMAGES.items():
-        names = [p.name for p in runner.definition_files(image)]
-        assert names[0] == "install-requirements.sh" and "requirements.txt" in names and "Dockerfile" in names, stage
+        for accelerator in environments.ACCELERATORS:
+            assert environments.lock_path(image, accelerator).is_file(), stage
 
 
-def test_the_build_context_carries_the_ca_bundle(tmp_path, monkeypatch):
-    extra = tmp_path / "proxy-ca.pem"
-    extra.write_bytes(b"-----BEGIN CERTIFICATE-----\nproxy\n-----END CERTIFICATE-----\n")
-    monkeypatch.setenv("SHOPTUNE_EXTRA_CA_BUNDLE", str(extra))
-    with tarfile.open(fileobj=io.BytesIO(runner.build_context("data"))) as tar:
-        names = tar.getnames()
-        bundle = tar.extractfile("ca-bundle.pem").read()
-    assert sorted(names) == ["Dockerfile", "ca-bundle.pem", "install-requirements.sh", "requirements.txt"]
-    assert bundle.endswith(extra.read_bytes())
-    monkeypatch.setenv("SHOPTUNE_EXTRA_CA_BUNDLE", str(tmp_path / "missing.pem"))
-    with pytest.raises(UserError, match="SHOPTUNE_EXTRA_CA_BUNDLE=.*missing.pem: no such file"):
-        runner.build_context("data")
+def test_image_tags_follow_the_lock_the_base_and_the_accelerator(monkeypatch):
+    tag = containers.image_tag("data", "cpu")
+    assert tag.startswith("shoptune/data:") and containers.image_tag("data", "cpu") == tag
+    assert containers.image_tag("data", "cuda").startswith("shoptune/data-cuda:")
+    monkeypatch.setenv("SHOPTUNE_BASE_IMAGE", "some/cuda-base:1")
+    assert containers.image_tag("data", "cpu") != tag
 
 
-def test_image_tags_follow_the_definition_and_the_base(monkeypatch):
-    files = runner.definition_files("data")
-    assert runner.digest(files, "base-a") != runner.digest(files, "base-b")
-    assert runner.digest(files, "base-a") == runner.digest(files, "base-a")
-
-
-def test_unknown_stage_and_runner_are_user_errors():
+def test_unknown_stage_runner_and_accelerator_are_user_errors():
     with pytest.raises(UserError, match="unknown stage 'train'"):
         runner.image_of("train")
     with pytest.raises(UserError, match="unknown runner 'ssh'"):
         runner.run("clean", [], "ssh")
+    with pytest.raises(UserError, match="unknown accelerator 'rocm'"):
+        environments.lock_path("data", "rocm")
+
+
+def test_a_stage_writes_only_its_own_folders():
+    own = [Path("runs/demo/finetune"), Path("runs/demo/.checkpoints/finetune")]
+    assert runner.writable_dirs("finetune", "demo") == own
+    assert Path("models") in runner.writable_dirs("tiny_model", "demo")
+    assert runner.NETWORK_STAGES == {"synthesize"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "position"),
+    [
+        (["evaluate", "--help"], 0),
+        (["--runner", "docker", "pad", "a", "b"], 2),
+        (["--runner=local", "run", "evaluate", "--profile", "demo"], 1),
+        (["--help"], None),
+    ],
+)
+def test_the_command_is_found_after_the_global_options(argv, position):
+    assert cli.command_position(argv) == position

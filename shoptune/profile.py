@@ -1,0 +1,142 @@
+"""The schema of params.yaml: one dataclass per stage section, and a profile of them all.
+
+`params.load_profile(name)` checks a whole profile against `Profile` before any stage
+runs, so a typo anywhere (`gpu: true`, `gpus: 'no'`, a key in the wrong section) is one
+line naming the key, not a stage that fails hours later or a setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class SynthesizeParams:
+    catalog: str
+    fewshot: str
+    backend: str
+    model: str
+    base_url: str | None
+    api_key_env: str
+    api_version: str | None
+    questions_per_product: int
+    options_per_question: int
+    temperature: float
+    max_tokens: int
+    top_p: float
+    concurrency: int
+    max_retries: int
+    max_products: int | None
+    seed: int
+
+
+@dataclasses.dataclass
+class CleanParams:
+    min_options: int
+    max_options: int
+
+
+@dataclasses.dataclass
+class DatasetParams:
+    task: str
+    setting: str
+    extra: str | None
+    val_fraction: float
+    seed: int
+
+
+@dataclasses.dataclass
+class FinetuneParams:
+    base_model: str
+    max_seq_length: int
+    load_in_4bit: bool
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: list[str]
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    max_steps: int
+    learning_rate: float
+    warmup_steps: int
+    optim: str
+    weight_decay: float
+    lr_scheduler_type: str
+    logging_steps: int
+    save_steps: int
+    seed: int
+
+
+@dataclasses.dataclass
+class PadParams:
+    check_logits: bool
+    logits_atol: float
+
+
+@dataclasses.dataclass
+class QuantizeParams:
+    w_bit: int
+    q_group_size: int
+    zero_point: bool
+    version: str
+    calib_samples: int
+    calib_max_len: int
+
+
+@dataclasses.dataclass
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+
+
+@dataclasses.dataclass
+class InferParams:
+    backend: str
+    model: str
+    questions: str
+    tensor_parallel_size: int
+    dtype: str
+    batch_size: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    seed: int
+    constrain_choices: bool
+    multiple_choice: Sampling
+    other: Sampling
+
+
+@dataclasses.dataclass
+class EvaluateParams:
+    questions: str
+    embedding_model: str
+    multilingual_embedding_model: str
+
+
+@dataclasses.dataclass
+class TinyModelParams:
+    out: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    vocab_size: int
+    seed: int
+
+
+@dataclasses.dataclass
+class Profile:
+    """profiles.<name>: every section, and whether its stages get GPUs."""
+
+    gpus: bool
+    synthesize: SynthesizeParams
+    clean: CleanParams
+    dataset: DatasetParams
+    finetune: FinetuneParams
+    pad: PadParams
+    quantize: QuantizeParams
+    infer: InferParams
+    evaluate: EvaluateParams
