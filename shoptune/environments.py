@@ -281,13 +281,22 @@ def _build_wheel(pip: list[str], source: Path) -> Path:
 def _run_pip(command: list[str], what: str) -> None:
     """Run pip, its output shown as it comes; a failure as one line naming the package."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    errors = []
+    lines = []
     for line in process.stdout:
         sys.stderr.write("  " + line)
-        if line.startswith("ERROR:"):
-            errors.append(line.strip())
+        lines.append(line.rstrip())
     if process.wait() != 0:
-        raise UserError(f"{what} failed: {errors[0] if errors else 'pip exited ' + str(process.returncode)}")
+        raise UserError(f"{what} failed: {pip_failure(lines) or 'pip exited ' + str(process.returncode)}")
+
+
+def pip_failure(lines: list[str]) -> str | None:
+    """pip's first error in one line, with the package it names (on that line or just below)."""
+    start = next((i for i, line in enumerate(lines) if line.startswith("ERROR:")), None)
+    if start is None:
+        return None
+    error = lines[start].removeprefix("ERROR:").strip().split(". ")[0]
+    named = re.search(r"(\S+==\S+?)[\s,:)]|$", " ".join(lines[start : start + 3]) + " ").group(1)
+    return f"{named}: {error}" if named and named not in error else error
 
 
 def _sha256(path: Path) -> str:

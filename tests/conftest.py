@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,21 @@ def copy_repository(dest: Path) -> Path:
         if source.is_file():
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-            target.chmod(source.stat().st_mode)
+            shutil.copy2(source, target)  # mtimes kept: make finds the shared .venv up to date
     (dest / ".venv").symlink_to(ROOT / ".venv")
     return dest
+
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
+
+
+def git_repository(folder: Path) -> Path:
+    """Make a copy a git repository with everything committed (DVC needs one)."""
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        subprocess.run(["git", *command], cwd=folder, env={**os.environ, **GIT_IDENTITY}, check=True)
+    return folder

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SHARED, copy_repository
+from tests.conftest import GIT_IDENTITY, SHARED, copy_repository, git_repository
 
 pytestmark = pytest.mark.slow
 PROFILE_STAGES = ("synthesize", "clean", "dataset", "finetune", "pad", "quantize", "infer", "evaluate")
@@ -26,11 +26,8 @@ def sh(*args, cwd: Path, runner: str = "local") -> str:
         **{k: v for k, v in os.environ.items() if k != "PATH"},
         **SHARED,
         "PATH": "/usr/local/bin:/usr/bin:/bin",  # no .venv/bin: the commands must not need it
+        **GIT_IDENTITY,
         "SHOPTUNE_RUNNER": runner,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
     }
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
@@ -45,11 +42,7 @@ def ran(output: str) -> set[str]:
 def project(tmp_path_factory, stage_python):
     for image in ("data", "train", "quant", "infer", "eval"):
         stage_python(image)  # build the environments once, outside the timed DVC runs
-    folder = copy_repository(tmp_path_factory.mktemp("clones") / "shoptune")
-    sh("git", "init", "-q", cwd=folder)
-    sh("git", "add", "-A", cwd=folder)
-    sh("git", "commit", "-qm", "copy", cwd=folder)
-    return folder
+    return git_repository(copy_repository(tmp_path_factory.mktemp("clones") / "shoptune"))
 
 
 def test_demo_runs_every_stage_then_nothing_and_leaves_git_clean(project):
