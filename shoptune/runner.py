@@ -114,6 +114,9 @@ def local_python(image: str, kind: str = "cpu") -> Path:
         f"{environments.lock_digest(image, kind)} {sys.version.split()[0]} {_file_digest(environments.INSTALL_SCRIPT)}"
     )
     environments.read_lock(image, kind)  # a stale lock is an error before anything is built
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if here != environments.PYTHON_VERSION:
+        raise UserError(f"the locks are made for Python {environments.PYTHON_VERSION}; this is Python {here}")
     VENVS.mkdir(parents=True, exist_ok=True)
     with open(VENVS / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse it
