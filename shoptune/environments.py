@@ -120,7 +120,7 @@ def requirement_names(path: Path) -> list[str]:
     return [re.split(r"[=<>!~\[ ;]", line, maxsplit=1)[0] for line in lines if line]
 
 
-def torch_source_options() -> list[str]:
+def uv_torch_source() -> list[str]:
     """uv's options for torch's CPU build: an index URL, or a local folder of wheels."""
     if "://" in TORCH_CPU_INDEX:
         return ["--extra-index-url", TORCH_CPU_INDEX, "--index-strategy", "unsafe-best-match"]
@@ -132,18 +132,22 @@ def compile_lock(image: str, accelerator: str, uv: str = "uv") -> Path:
     folder = image_dir(image)
     lock = lock_path(image, accelerator)
     common = [uv, "pip", "compile", "--quiet", "--no-header", *LOCK_SETTINGS.split()[3:], "--index-url", PYPI]
-    if accelerator == "cpu":
-        common += torch_source_options()
     main_inputs = [
-        str(p) for p in lock_inputs(image, accelerator) if p.name.startswith("requirements") and "nodeps" not in p.name
+        p for p in lock_inputs(image, accelerator) if p.name.startswith("requirements") and "nodeps" not in p.name
     ]
+    hint = ""
+    if any("+cpu" in p.read_text(encoding="utf-8") for p in main_inputs):  # torch's CPU build
+        common += uv_torch_source()
+        hint = f" (torch's CPU build from {TORCH_CPU_INDEX}: SHOPTUNE_TORCH_CPU_INDEX names another index or a folder)"
     exclude = folder / f"exclude-{accelerator}.txt"
     excluded = requirement_names(exclude) if exclude.is_file() else []
     nodeps = folder / "requirements-nodeps.txt"
     try:
-        body = _run_uv([*common, *main_inputs, *(a for n in excluded for a in ("--no-emit-package", n))])
+        body = _run_uv([*common, *map(str, main_inputs), *(a for n in excluded for a in ("--no-emit-package", n))])
         if nodeps.is_file():
             body += _run_uv([*common, "--no-deps", str(nodeps)])
+    except UserError as err:
+        raise UserError(f"locking {image}/{accelerator} failed: {err}{hint}") from None
     except FileNotFoundError:
         raise UserError(f"'{uv}' not found: make lock installs it in .venv (uv, from PyPI)") from None
     header = (
@@ -164,7 +168,7 @@ def _run_uv(command: list[str]) -> str:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise UserError(f"locking failed: {' '.join(lines[-3:]) if lines else 'uv exited ' + str(result.returncode)}")
+        raise UserError(" ".join(" ".join(lines[-3:]).split()) if lines else f"uv exited {result.returncode}")
     return result.stdout
 
 
@@ -188,8 +192,7 @@ def read_lock(image: str, accelerator: str) -> list[Pin]:
         raise UserError(f"{lock}: out of date with its requirements (run `make lock`)")
     text = re.sub(r"\\\n\s*", " ", lock.read_text(encoding="utf-8"))
     pins = []
-    for line in text.splitlines():
-        line = line.split("#", 1)[0].strip() if not line.lstrip().startswith("--hash") else line
+    for line in text.splitlines():  # a pin and its hashes are one line now; comments never match
         match = re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)\s+(.*)$", line)
         if match:
             hashes = tuple(re.findall(r"--hash=sha256:([0-9a-f]{64})", match.group(3)))
@@ -225,7 +228,7 @@ def wheelhouse(image: str, accelerator: str, pip: list[str] | None = None) -> tu
     say(f"{image}/{accelerator}: {len(pins)} packages locked, {len(missing)} to download into {WHEELHOUSE}")
     from_torch_index = [pin for pin in missing if "+" in pin.version]
     for group, options in (
-        (from_torch_index, _torch_download_options()),
+        (from_torch_index, pip_torch_source()),
         ([p for p in missing if p not in from_torch_index], []),
     ):
         if group:
@@ -247,7 +250,9 @@ def wheelhouse(image: str, accelerator: str, pip: list[str] | None = None) -> tu
     return listing, files
 
 
-def _torch_download_options() -> list[str]:
+def pip_torch_source() -> list[str]:
+    """pip's options for torch's CPU build (one quick retry: the index may be out of reach,
+    and pip's own configuration may still supply the wheel)."""
     if "://" in TORCH_CPU_INDEX:
         return ["--extra-index-url", TORCH_CPU_INDEX, "--retries", "1"]
     return ["--find-links", TORCH_CPU_INDEX]
