@@ -49,9 +49,9 @@ PASSED_ENVIRONMENT = (
     *("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY"),
     *("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"),
 )
-# Set for every stage, whatever the runner: a fixed hash seed (AutoAWQ's output depends on
-# the order of a set: without it the demo's AWQ weights differ from run to run), and where
-# unsloth writes the kernels it compiles (by default the current folder: the repository).
+# Set for every stage, whatever the runner: a fixed hash seed (any walk over a set of strings
+# then takes the same order in every run), and where unsloth writes the kernels it compiles
+# (by default the current folder: the repository).
 STAGE_ENVIRONMENT = {"PYTHONHASHSEED": "0", "UNSLOTH_COMPILE_LOCATION": f"/tmp/unsloth_compiled_cache-{os.getuid()}"}
 
 
