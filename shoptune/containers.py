@@ -91,13 +91,13 @@ def ensure_image(engine, image: str, accelerator: str = "cpu") -> str:
             forcerm=True,
             decode=True,
         )
-        errors = []
+        lines = []
         for chunk in stream:
             if "stream" in chunk:
                 sys.stderr.write(chunk["stream"])
-                errors += [line.strip() for line in chunk["stream"].splitlines() if line.startswith("ERROR:")]
+                lines += chunk["stream"].splitlines()
             if "error" in chunk:
-                detail = errors[0] if errors else chunk["error"].strip()
+                detail = environments.pip_failure(lines) or chunk["error"].strip()
                 raise UserError(f"building image {tag} failed: {detail}")
     engine.images.prune(filters={"dangling": True, "label": BUILD_STAGE_LABEL})
     engine.images.get(tag).tag(tag.split(":")[0], "latest")

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from shoptune import UserError
+from shoptune.artifacts import atomic_file
 
 
 def code_root() -> Path:
@@ -158,9 +159,8 @@ def compile_lock(image: str, accelerator: str, uv: str = "uv") -> Path:
         f"# inputs-digest: {inputs_digest(image, accelerator)}\n"
     )
     body = body.replace(str(folder) + "/", "")  # annotations name the inputs by file name
-    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{lock.name}.", delete=False) as out:
+    with atomic_file(lock) as out:
         out.write(header + body)
-    os.replace(out.name, lock)
     return lock
 
 
@@ -186,9 +186,10 @@ class Pin:
 def read_lock(image: str, accelerator: str) -> list[Pin]:
     """The pins of a lock; a missing or stale lock is a UserError saying to run `make lock`."""
     lock = lock_path(image, accelerator)
-    if recorded_digest(lock) is None:
+    recorded = recorded_digest(lock)
+    if recorded is None:
         raise UserError(f"{lock}: no such lock (run `make lock`)")
-    if recorded_digest(lock) != inputs_digest(image, accelerator):
+    if recorded != inputs_digest(image, accelerator):
         raise UserError(f"{lock}: out of date with its requirements (run `make lock`)")
     text = re.sub(r"\\\n\s*", " ", lock.read_text(encoding="utf-8"))
     pins = []
@@ -201,7 +202,7 @@ def read_lock(image: str, accelerator: str) -> list[Pin]:
 
 
 def lock_digest(image: str, accelerator: str) -> str:
-    return hashlib.sha256(lock_path(image, accelerator).read_bytes()).hexdigest()[:16]
+    return file_digest(lock_path(image, accelerator))
 
 
 # ---------------------------------------------------------------- wheelhouse
@@ -244,9 +245,8 @@ def wheelhouse(image: str, accelerator: str, pip: list[str] | None = None) -> tu
             found = _build_wheel(pip, found)
         files.append(found)
     lines = [f"{f.relative_to(WHEELHOUSE)} --hash=sha256:{_sha256(f)}" for f in files]
-    with tempfile.NamedTemporaryFile("w", dir=WHEELHOUSE, prefix=f".{listing.name}.", delete=False) as out:
+    with atomic_file(listing) as out:
         out.write(stamp + "\n".join(lines) + "\n")
-    os.replace(out.name, listing)
     return listing, files
 
 
@@ -312,6 +312,11 @@ def _sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """A short digest of a file's bytes: what stamps and tags are made of."""
+    return _sha256(path)[:16]
+
+
 def _hash_index() -> dict[str, Path]:
     """sha256 -> file for every downloaded file of the wheelhouse (hashes cached by size and mtime)."""
     cache_file = WHEELHOUSE / ".sha256.json"
@@ -326,9 +331,8 @@ def _hash_index() -> dict[str, Path]:
         key = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
         fresh[key] = cache.get(key) or _sha256(path)
         index[fresh[key]] = path
-    with tempfile.NamedTemporaryFile("w", dir=WHEELHOUSE, prefix=".sha256.", delete=False) as out:
+    with atomic_file(cache_file) as out:
         json.dump(fresh, out)
-    os.replace(out.name, cache_file)
     return index
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import hashlib
 import os
 import platform
 import shutil
@@ -110,9 +109,8 @@ def local_python(image: str, kind: str = "cpu") -> Path:
     venv = VENVS / name
     python = venv / "bin" / "python"
     stamp = venv / ".shoptune-lock"
-    wanted = (
-        f"{environments.lock_digest(image, kind)} {sys.version.split()[0]} {_file_digest(environments.INSTALL_SCRIPT)}"
-    )
+    script = environments.file_digest(environments.INSTALL_SCRIPT)
+    wanted = f"{environments.lock_digest(image, kind)} {sys.version.split()[0]} {script}"
     environments.read_lock(image, kind)  # a stale lock is an error before anything is built
     here = f"{sys.version_info[0]}.{sys.version_info[1]}"
     if here != environments.PYTHON_VERSION:
@@ -133,10 +131,6 @@ def local_python(image: str, kind: str = "cpu") -> Path:
         stamp.write_text(wanted)
         say(f"environment '{name}' ready")
     return python
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def run_local(stage: str, args: list[str], python: Path) -> int:
