@@ -64,6 +64,7 @@ class FinetuneParams:
     lr_scheduler_type: str
     logging_steps: int
     save_steps: int
+    save_total_limit: int
     seed: int
 
 

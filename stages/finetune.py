@@ -6,8 +6,9 @@ on every projection, Alpaca prompt with the EOS token appended, batch 2 x accumu
 in 16 bits. Load the 16-bit base with load_in_4bit=True (merging into a pre-quantized
 *-bnb-4bit checkpoint does not give a true 16-bit merge).
 
-Checkpoints go to runs/<profile>/.checkpoints/finetune/<settings digest>/ and a rerun
-resumes from the last one. The loss curve is written as a DVC plot (loss.csv).
+Checkpoints go to runs/<profile>/.checkpoints/finetune/<settings digest>/ (the last
+`save_total_limit` of them are kept) and a rerun resumes from the last one. The stage runs
+offline (HF_HUB_OFFLINE=1): the base model is a local folder. The loss curve is written as a DVC plot (loss.csv).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def finetune(profile: str) -> None:
     from unsloth import FastLanguageModel
 
     # Model: the base in 4 bits (QLoRA) on a GPU, or as it is on a CPU; LoRA adapters on top.
+    # An absolute path: unsloth takes a relative one for a hub id and asks the hub about it.
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=p.base_model,
+        model_name=str(Path(p.base_model).resolve()),
         max_seq_length=p.max_seq_length,
         dtype=None,
         load_in_4bit=p.load_in_4bit,
@@ -90,6 +92,7 @@ def finetune(profile: str) -> None:
             lr_scheduler_type=p.lr_scheduler_type,
             logging_steps=p.logging_steps,
             save_steps=p.save_steps,
+            save_total_limit=p.save_total_limit,  # 22000 / 500 steps would keep 44 checkpoints
             seed=p.seed,
             fp16=torch.cuda.is_available() and not torch.cuda.is_bf16_supported(),
             bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
