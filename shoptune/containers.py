@@ -55,9 +55,10 @@ def dockerfile(image: str) -> Path:
     return own if own.is_file() else DOCKER_DIR / "Dockerfile"
 
 
-def image_tag(image: str, accelerator: str) -> str:
-    """shoptune/<image>[-cuda]:<digest of lock, Dockerfile, install script, base, accelerator>."""
-    sha = hashlib.sha256(f"{base_image()}\0{accelerator}".encode())
+def image_tag(image: str, accelerator: str, base_id: str = "") -> str:
+    """shoptune/<image>[-cuda]:<digest of lock, Dockerfile, install script, base (name and
+    id: a rebuilt base rebuilds the images), accelerator>."""
+    sha = hashlib.sha256(f"{base_image()}\0{base_id}\0{accelerator}".encode())
     for path in (environments.lock_path(image, accelerator), dockerfile(image), INSTALL_SCRIPT):
         sha.update(b"\0" + path.read_bytes())
     name = f"shoptune/{image}" if accelerator == "cpu" else f"shoptune/{image}-{accelerator}"
@@ -68,7 +69,11 @@ def ensure_image(engine, image: str, accelerator: str = "cpu") -> str:
     """Build docker/<image> for `accelerator` unless an image of the same definition exists; its tag."""
     import docker
 
-    tag = image_tag(image, accelerator)
+    try:
+        base_id = engine.images.get(base_image()).id
+    except docker.errors.ImageNotFound:
+        raise UserError(f"no base image {base_image()} (run `make base-image`, or set SHOPTUNE_BASE_IMAGE)") from None
+    tag = image_tag(image, accelerator, base_id)
     with contextlib.suppress(docker.errors.ImageNotFound):
         engine.images.get(tag)
         return tag
@@ -143,6 +148,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def device_requests(gpus: int, devices: list[str] | None) -> list:
+    """Docker's request for `gpus` GPUs: the `devices` named (ids or UUIDs), or any that many."""
+    import docker
+
+    if not gpus:
+        return []
+    selection = {"device_ids": list(devices)} if devices else {"count": gpus}
+    return [docker.types.DeviceRequest(capabilities=[["gpu"]], **selection)]
+
+
 def run(
     engine,
     tag: str,
@@ -152,9 +167,12 @@ def run(
     environment: dict[str, str],
     writable: list[Path],
     network: bool,
-    gpus: bool,
+    gpus: int = 0,
+    devices: list[str] | None = None,
+    mounts: dict[Path, str] | None = None,
 ) -> int:
-    """Run `command` in a container of `tag` over the current folder; its exit status."""
+    """Run `command` in a container of `tag` over the current folder; its exit status.
+    `gpus` GPUs (the `devices` named, or any), `mounts` {host folder: path inside} read-write."""
     import docker
 
     workspace = Path.cwd()
@@ -162,6 +180,8 @@ def run(
     for folder in writable:
         folder.mkdir(parents=True, exist_ok=True)  # made here, so it is the caller's
         volumes[str(folder.resolve())] = {"bind": f"{WORKDIR}/{folder}", "mode": "rw"}
+    for host, inside in (mounts or {}).items():
+        volumes[str(Path(host).resolve())] = {"bind": inside, "mode": "rw"}
     labels = {
         **labels,
         "shoptune.run": uuid.uuid4().hex,
@@ -179,8 +199,8 @@ def run(
             volumes=volumes,
             environment=environment,
             network_disabled=not network,
-            device_requests=[docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpus else [],
-            shm_size="8g" if gpus else None,
+            device_requests=device_requests(gpus, devices),
+            shm_size="8g" if gpus else None,  # NCCL and vLLM's workers share tensors through /dev/shm
             labels=labels,
         )
         container.start()

@@ -41,17 +41,78 @@ NETWORK_STAGES = {"synthesize"}
 VENVS = Path(os.environ.get("SHOPTUNE_VENVS", REPOSITORY / ".venvs"))
 WORKDIR_IN_CONTAINER = "/workspace"
 # Variables a stage may need at run time; their values are passed to the process or
-# container, never written to an image, a log or an output: keys, and the host's threading
+# container, never written to an image, a log or an output: keys, the host's threading
 # and BLAS kernel settings (OpenBLAS picks another kernel without them, and numpy's results
-# differ in the last bits from the local runner's).
+# differ in the last bits from the local runner's), and the GPU libraries' own settings
+# (NCCL_P2P_DISABLE=1 on PCIe T4 boxes, VLLM_*, TRITON_*, HF_*).
 PASSED_ENVIRONMENT = (
     *("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY"),
     *("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"),
 )
+PASSED_PREFIXES = ("NCCL_", "VLLM_", "TRITON_", "HF_", "TORCH_CUDA_ARCH_LIST")
 # Set for every stage, whatever the runner: a fixed hash seed (any walk over a set of strings
-# then takes the same order in every run), and where unsloth writes the kernels it compiles
-# (by default the current folder: the repository).
-STAGE_ENVIRONMENT = {"PYTHONHASHSEED": "0", "UNSLOTH_COMPILE_LOCATION": f"/tmp/unsloth_compiled_cache-{os.getuid()}"}
+# then takes the same order in every run); torch asks NVML, not the CUDA driver, whether a GPU
+# is there (a driver initialized before vLLM forks its workers breaks them); unsloth sends no
+# statistics and writes the kernels it compiles outside the repository.
+STAGE_ENVIRONMENT = {
+    "PYTHONHASHSEED": "0",
+    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+    "UNSLOTH_COMPILE_LOCATION": f"/tmp/unsloth_compiled_cache-{os.getuid()}",
+}
+# Stages other than NETWORK_STAGES read models from disk only (no hub lookups, no waiting
+# for timeouts on a host without internet).
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# Persistent caches for containers (Triton's compiled launchers and kernels, vLLM's
+# compilation cache, Hugging Face's cache): one folder per image on the host, the container's
+# HOME. Without it every run on a T4 recompiles.
+CACHE_IN_CONTAINER = "/cache"
+
+
+def cache_dir(tag: str) -> Path:
+    """The host folder of an image's caches: $SHOPTUNE_CACHE/<image>, by default under
+    ~/.cache/shoptune (or /tmp/shoptune-cache-<uid> where the home folder is not writable)."""
+    name = tag.split(":")[0].split("/")[-1]  # one per image and accelerator
+    chosen = os.environ.get("SHOPTUNE_CACHE")
+    roots = (
+        [Path(chosen)] if chosen else [Path.home() / ".cache" / "shoptune", Path(f"/tmp/shoptune-cache-{os.getuid()}")]
+    )
+    for root in roots:
+        try:
+            (root / name).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(root / name, os.W_OK):
+            return root / name
+    raise UserError(f"cannot make the cache folder {roots[0] / name} (set SHOPTUNE_CACHE to a writable folder)")
+
+
+def passed_environment() -> dict[str, str]:
+    """The host's variables a stage receives (see PASSED_ENVIRONMENT)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name in PASSED_ENVIRONMENT or name.startswith(PASSED_PREFIXES)
+    }
+
+
+def gpus_for(stage: str, profile) -> int:
+    """How many GPUs a stage of a profile gets: training and quantizing one, inference its
+    tensor-parallel size, the others none (a profile with gpus: false: none at all)."""
+    if profile is None or not profile.gpus:
+        return 0
+    return {"finetune": 1, "quantize": 1, "infer": profile.infer.tensor_parallel_size, "evaluate": 1}.get(stage, 0)
+
+
+def visible_gpus(count: int) -> list[str] | None:
+    """Which GPUs a stage that needs `count` of them uses: the first of $SHOPTUNE_GPUS
+    (e.g. "2,3,4,5"), or None to take any `count` GPUs."""
+    chosen = [g.strip() for g in os.environ.get("SHOPTUNE_GPUS", "").split(",") if g.strip()]
+    if not chosen:
+        return None
+    if len(chosen) < count:
+        raise UserError(f"SHOPTUNE_GPUS={os.environ['SHOPTUNE_GPUS']}: the stage needs {count} GPUs")
+    return chosen[:count]
 
 
 def image_of(stage: str) -> str:
@@ -80,22 +141,27 @@ def build(runner: str, image: str, kind: str = "cpu") -> str:
     raise UserError(f"unknown runner '{runner}' (local or docker)")
 
 
-def run(stage: str, args: list[str], runner: str, gpus: bool = False, profile: str | None = None) -> int:
+def run(stage: str, args: list[str], runner: str, profile_name: str | None = None, profile=None) -> int:
     """Run `python -m stages.<stage> ARGS` in the stage's environment; its exit status.
-    With a profile (a pipeline stage), the container may write only the stage's folders and
-    the run leaves its provenance record."""
-    image, kind = image_of(stage), accelerator(gpus)
+    With a profile (a pipeline stage), the container may write only the stage's folders, gets
+    the stage's GPUs, and the run leaves its provenance record."""
+    image, kind = image_of(stage), accelerator(bool(profile and profile.gpus))
     if runner not in ("local", "docker"):
         raise UserError(f"unknown runner '{runner}' (local or docker)")
+    gpus = gpus_for(stage, profile)
+    devices = visible_gpus(gpus) if gpus else None
     built = build(runner, image, kind)  # before anything runs: a failed build changes nothing
     started = now()
+    environment = {**STAGE_ENVIRONMENT, **({} if stage in NETWORK_STAGES else OFFLINE_ENVIRONMENT)}
     if runner == "local":
-        status = run_local(stage, args, Path(built))
+        if devices is not None:
+            environment["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        status = run_local(stage, args, Path(built), environment)
     else:
-        status = run_docker(stage, args, built, gpus, profile)
-    if profile is not None:
-        record = provenance(stage, profile, runner, image, kind, built, started, status)
-        write_json(stage_dir(profile, stage) / "provenance.json", record)
+        status = run_docker(stage, args, built, environment, gpus, devices, profile_name)
+    if profile_name is not None:
+        record = provenance(stage, profile_name, runner, image, kind, built, started, status)
+        write_json(stage_dir(profile_name, stage) / "provenance.json", record)
     return status
 
 
@@ -133,8 +199,8 @@ def local_python(image: str, kind: str = "cpu") -> Path:
     return python
 
 
-def run_local(stage: str, args: list[str], python: Path) -> int:
-    env = dict(os.environ, PYTHONPATH=str(REPOSITORY), **STAGE_ENVIRONMENT)
+def run_local(stage: str, args: list[str], python: Path, environment: dict[str, str] | None = None) -> int:
+    env = dict(os.environ, PYTHONPATH=str(REPOSITORY), **(environment or STAGE_ENVIRONMENT))
     process = subprocess.Popen(stage_command(stage, args, str(python.absolute())), env=env)
     try:
         return process.wait()
@@ -146,11 +212,30 @@ def run_local(stage: str, args: list[str], python: Path) -> int:
 # ---------------------------------------------------------------- docker runner
 
 
-def run_docker(stage: str, args: list[str], tag: str, gpus: bool = False, profile: str | None = None) -> int:
+def run_docker(
+    stage: str,
+    args: list[str],
+    tag: str,
+    environment: dict[str, str] | None = None,
+    gpus: int = 0,
+    devices: list[str] | None = None,
+    profile: str | None = None,
+) -> int:
     from shoptune import containers
 
-    environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
-    environment.update(PYTHONPATH=WORKDIR_IN_CONTAINER, HOME="/tmp", PYTHONUNBUFFERED="1", **STAGE_ENVIRONMENT)
+    mounts = {cache_dir(tag): CACHE_IN_CONTAINER}
+    env = passed_environment()
+    if "HF_HOME" in env:  # the host's Hugging Face cache, where the host has it
+        mounts[Path(env["HF_HOME"])] = env["HF_HOME"]
+    env.update(
+        PYTHONPATH=WORKDIR_IN_CONTAINER,
+        HOME=CACHE_IN_CONTAINER,
+        XDG_CACHE_HOME=f"{CACHE_IN_CONTAINER}/.cache",
+        PYTHONUNBUFFERED="1",
+        **(environment or STAGE_ENVIRONMENT),
+    )
+    if "UNSLOTH_COMPILE_LOCATION" in env:
+        env["UNSLOTH_COMPILE_LOCATION"] = f"{CACHE_IN_CONTAINER}/unsloth_compiled_cache"
     return containers.run(
         containers.client(),
         tag,
@@ -160,10 +245,12 @@ def run_docker(stage: str, args: list[str], tag: str, gpus: bool = False, profil
             "shoptune.stage": stage,
             "shoptune.profile": profile or "",
         },
-        environment=environment,
+        environment=env,
         writable=writable_dirs(stage, profile) if profile else [],
         network=stage in NETWORK_STAGES or profile is None,
         gpus=gpus,
+        devices=devices,
+        mounts=mounts,
     )
 
 

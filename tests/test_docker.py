@@ -28,6 +28,19 @@ print(json.dumps({"uid": os.getuid(), "packages": {d.metadata["Name"].lower(): d
 """
 
 
+# What Triton does at its first kernel launch (vLLM's attention on a T4, unsloth's kernels):
+# compile a small C launcher against Python's headers.
+LAUNCHER = """
+import subprocess, sysconfig, pathlib
+source = pathlib.Path("/tmp/launcher.c")
+source.write_text("#include <Python.h>\\nstatic PyModuleDef m = {PyModuleDef_HEAD_INIT, \\"launcher\\"};\\n"
+                  "PyMODINIT_FUNC PyInit_launcher(void) { return PyModule_Create(&m); }\\n")
+include = sysconfig.get_paths()["include"]
+subprocess.run(["gcc", "-shared", "-fPIC", "-O1", f"-I{include}", str(source), "-o", "/tmp/launcher.so"], check=True)
+import sys; sys.path.insert(0, "/tmp"); import launcher; print("compiled", launcher.__name__)
+"""
+
+
 def test_every_image_builds_without_cuda_and_under_4_gb(images, docker_client):
     assert sorted(images) == ["data", "eval", "infer", "quant", "train"]
     for image, tag in images.items():
@@ -39,6 +52,39 @@ def test_every_image_builds_without_cuda_and_under_4_gb(images, docker_client):
         assert not [name for name in packages if name.startswith("nvidia-")], image
         if "torch" in packages:
             assert packages["torch"].endswith("+cpu"), image
+    for image in ("train", "infer"):  # the GPU stages: Triton compiles a launcher at the first kernel
+        assert b"compiled launcher" in docker_client.containers.run(
+            images[image], ["python", "-c", LAUNCHER], remove=True
+        ), image
+
+
+PROBE_STAGE = """
+import os, pathlib
+marker = pathlib.Path(os.environ["HOME"]) / "runs.txt"
+runs = int(marker.read_text()) + 1 if marker.exists() else 1
+marker.write_text(str(runs))
+print("probe", os.environ["HOME"], runs, os.environ.get("NCCL_P2P_DISABLE"), os.environ.get("HF_HUB_OFFLINE"),
+      os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"), "AWS" in "".join(os.environ))
+"""
+
+
+def test_containers_keep_their_caches_and_get_the_gpu_settings(images, tmp_path, monkeypatch, capfd):
+    """HOME is a host folder per image, kept between runs (Triton, vLLM and Hugging Face caches);
+    NCCL_*, VLLM_* and HF_* reach the stage, other host variables do not."""
+    from shoptune import runner
+
+    folder = copy_repository(tmp_path / "probe")
+    (folder / "stages" / "probe.py").write_text(PROBE_STAGE)
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("SHOPTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-stages")
+    environment = {**runner.STAGE_ENVIRONMENT, **runner.OFFLINE_ENVIRONMENT}
+    for _ in range(2):
+        assert runner.run_docker("probe", [], images["infer"], environment) == 0
+    logs = capfd.readouterr().err
+    assert "probe /cache 1 1 1 1 False" in logs and "probe /cache 2 1 1 1 False" in logs
+    assert (tmp_path / "cache" / "infer" / "runs.txt").read_text() == "2"
 
 
 def outputs(folder: Path) -> dict[str, bytes]:

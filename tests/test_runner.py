@@ -19,6 +19,7 @@ def test_image_tags_follow_the_lock_the_base_and_the_accelerator(monkeypatch):
     assert containers.image_tag("data", "cuda").startswith("shoptune/data-cuda:")
     monkeypatch.setenv("SHOPTUNE_BASE_IMAGE", "some/cuda-base:1")
     assert containers.image_tag("data", "cpu") != tag
+    assert containers.image_tag("data", "cpu", "sha256:another-base") != containers.image_tag("data", "cpu")
 
 
 def test_unknown_stage_runner_and_accelerator_are_user_errors():
@@ -48,3 +49,71 @@ def test_a_stage_writes_only_its_own_folders():
 )
 def test_the_command_is_found_after_the_global_options(argv, position):
     assert cli.command_position(argv) == position
+
+
+def test_each_stage_gets_the_gpus_it_uses(monkeypatch):
+    from shoptune import params
+
+    paper, demo = params.load_profile("paper"), params.load_profile("demo")
+    wanted = {"finetune": 1, "quantize": 1, "infer": paper.infer.tensor_parallel_size, "evaluate": 1, "pad": 0}
+    assert {stage: runner.gpus_for(stage, paper) for stage in wanted} == wanted
+    assert [runner.gpus_for(stage, demo) for stage in runner.IMAGES] == [0] * len(runner.IMAGES)
+    monkeypatch.delenv("SHOPTUNE_GPUS", raising=False)
+    assert runner.visible_gpus(4) is None
+    monkeypatch.setenv("SHOPTUNE_GPUS", "2, 3,4,5,6")
+    assert runner.visible_gpus(4) == ["2", "3", "4", "5"]
+    with pytest.raises(UserError, match="SHOPTUNE_GPUS=1: the stage needs 4 GPUs"):
+        monkeypatch.setenv("SHOPTUNE_GPUS", "1")
+        runner.visible_gpus(4)
+
+
+def test_docker_asks_for_the_chosen_gpus():
+    assert containers.device_requests(0, None) == []
+    (any_four,) = containers.device_requests(4, None)
+    assert (any_four["Count"], any_four["Capabilities"]) == (4, [["gpu"]])
+    (chosen,) = containers.device_requests(2, ["1", "3"])
+    assert chosen["DeviceIDs"] == ["1", "3"]
+
+
+def test_gpu_library_settings_pass_and_other_variables_do_not(monkeypatch):
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "TRITON_ATTN")
+    monkeypatch.setenv("HF_HOME", "/data/hf")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-stages")
+    passed = runner.passed_environment()
+    assert {"NCCL_P2P_DISABLE", "VLLM_ATTENTION_BACKEND", "HF_HOME"} <= set(passed)
+    assert "AWS_SECRET_ACCESS_KEY" not in passed
+    # torch must ask NVML, not the CUDA driver, before vLLM forks its workers
+    assert runner.STAGE_ENVIRONMENT["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    assert runner.OFFLINE_ENVIRONMENT["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_cache_folder_falls_back_when_home_is_not_writable(monkeypatch, tmp_path):
+    monkeypatch.delenv("SHOPTUNE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert runner.cache_dir("shoptune/infer-cuda:abc") == tmp_path / "home/.cache/shoptune/infer-cuda"
+    monkeypatch.setenv("SHOPTUNE_CACHE", str(tmp_path / "mine"))
+    assert runner.cache_dir("shoptune/infer:abc") == tmp_path / "mine/infer"
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SHOPTUNE_CACHE", str(tmp_path / "file"))
+    with pytest.raises(UserError, match="set SHOPTUNE_CACHE to a writable folder"):
+        runner.cache_dir("shoptune/infer:abc")
+
+
+def test_the_gpu_check_profile_is_a_valid_profile_on_the_gpu_paths(tmp_path):
+    """make gpu-check needs a GPU host; what it runs is checked here: a valid profile, on the
+    paper's code paths (4-bit QLoRA, AWQ model on vLLM in float16)."""
+    import yaml
+
+    from shoptune import params
+    from tests.conftest import ROOT
+    from tests.gpu_check import PROFILE, gpu_profile
+
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["profiles"][PROFILE] = gpu_profile(data["profiles"]["demo"], 2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    profile = params.load_profile(PROFILE, tmp_path / "params.yaml")
+    assert profile.gpus and profile.finetune.load_in_4bit and profile.finetune.optim == "adamw_8bit"
+    assert (profile.infer.backend, profile.infer.model, profile.infer.dtype) == ("vllm", "quantized", "float16")
+    assert profile.infer.tensor_parallel_size == 2 and data["profiles"]["demo"]["infer"]["backend"] == "transformers"
+    assert runner.gpus_for("infer", profile) == 2
