@@ -12,7 +12,7 @@ STAGE_RUNNER = $(if $(filter demo,$(PROFILE)),$(DEMO_RUNNER),$(RUNNER))
 BASE_FOR = $(if $(filter docker,$(1)),base-image)
 
 .PHONY: help setup lock envs images base-image demo demo-rerun reproduce test test-fast lint bench clean \
-	clean-stage $(STAGES)
+	clean-stage $(STAGES) plan doctor gpu-check
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort | expand -t 18
@@ -52,6 +52,15 @@ demo-rerun: setup $(call BASE_FOR,$(DEMO_RUNNER))  ## run every demo stage again
 reproduce: setup $(call BASE_FOR,$(RUNNER))  ## run the paper's recipe (GPU host, Docker; needs the data and base model, see README)
 	$(BIN)/shoptune --runner $(RUNNER) build --accelerator cuda
 	SHOPTUNE_RUNNER=$(RUNNER) $(BIN)/dvc repro evaluate@paper
+
+plan: setup  ## does PROFILE fit its hardware? GPU memory, KV cache, RAM, disk (CONFIG=config.json TP=N)
+	@$(BIN)/shoptune plan --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG)) $(if $(TP),--tensor-parallel-size $(TP))
+
+doctor: setup  ## is this machine ready for PROFILE? Docker, NVIDIA runtime, GPUs, disk, RAM, API key
+	@$(BIN)/shoptune --runner $(STAGE_RUNNER) doctor --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG))
+
+gpu-check: setup $(call BASE_FOR,$(RUNNER))  ## on a GPU host: QLoRA, pad, AWQ, vLLM (awq, float16) on a tiny Qwen2 (GPU_CHECK_TP=N)
+	$(BIN)/python -m tests.gpu_check --runner $(RUNNER) --tensor-parallel-size $(or $(GPU_CHECK_TP),1)
 
 $(STAGES): setup $(call BASE_FOR,$(STAGE_RUNNER))
 	$(BIN)/shoptune --runner $(STAGE_RUNNER) build

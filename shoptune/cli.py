@@ -5,6 +5,8 @@
     shoptune pad MODEL_DIR OUT_DIR --group-size N --tensor-parallel-size N
     shoptune build [IMAGE...]        build the runner's environments (venvs or images)
     shoptune lock [IMAGE...]         regenerate docker/<image>/lock-*.txt from the requirements
+    shoptune plan --profile P [--config CONFIG.json] [--tensor-parallel-size N] [--json]
+    shoptune doctor --profile P [--stage STAGE ...] [--config CONFIG.json]
 
 The runner is --runner, else $SHOPTUNE_RUNNER, else local.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from shoptune import UserError, environments, params, runner
+from shoptune import doctor as doctor_checks
 
 RUNNERS = ("local", "docker")
 # Commands whose arguments belong to the stage program (its own --help included).
@@ -40,6 +44,19 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("evaluate", help="score predictions as ShopBench does (shoptune evaluate --help)")
     commands.add_parser("pad", help="pad a model's MLP for AWQ under tensor parallelism (shoptune pad --help)")
 
+    plan = commands.add_parser("plan", help="does the profile fit its hardware? sizes, GPU memory, RAM, disk")
+    plan.add_argument("--profile", required=True)
+    plan.add_argument("--tensor-parallel-size", type=int, help="instead of infer.tensor_parallel_size")
+    plan.add_argument("--overhead-gib", type=float, help="per-GPU allowance for activations and CUDA graphs (1)")
+    plan.add_argument("--json", action="store_true", help="the figures and checks as JSON")
+    doctor = commands.add_parser("doctor", help="is this machine ready for the profile? Docker, GPUs, disk, RAM, key")
+    doctor.add_argument("--profile", required=True)
+    doctor.add_argument(
+        "--stage", action="append", choices=doctor_checks.STAGES, help="only what this stage needs (repeatable)"
+    )
+    for command in (plan, doctor):
+        command.add_argument("--config", type=Path, help="the model's config.json (default: finetune.base_model's)")
+
     build = commands.add_parser("build", help="build the runner's environments: .venvs/IMAGE or Docker images")
     lock = commands.add_parser("lock", help="regenerate docker/IMAGE/lock-*.txt (uv) from the requirements")
     for command in (build, lock):
@@ -56,9 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             profile = params.load_profile(args.profile)  # the whole profile checked before anything runs
-            status = runner.run(args.stage, ["--profile", args.profile], args.runner, profile.gpus, args.profile)
+            status = runner.run(args.stage, ["--profile", args.profile], args.runner, args.profile, profile)
         elif args.command in DIRECT:
             status = runner.run(args.command, argv[split + 1 :], args.runner)
+        elif args.command == "plan":
+            status = show_plan(args)
+        elif args.command == "doctor":
+            stages = args.stage or list(doctor_checks.STAGES)
+            results = doctor_checks.diagnose(args.profile, args.runner, stages, args.config)
+            print(doctor_checks.render(args.profile, args.runner, stages, results))
+            status = 1 if any(not r.ok for r in results) else 0
         elif args.command == "build":
             for image in args.images:
                 print(runner.build(args.runner, image, args.accelerator))
@@ -74,6 +98,17 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(status)
+
+
+def show_plan(args) -> int:
+    """Print the plan; 1 and each reason on stderr, one a line, when the profile does not fit."""
+    from shoptune import plan
+
+    result = plan.load(args.profile, args.config, args.tensor_parallel_size, args.overhead_gib)
+    print(plan.as_json(result) if args.json else plan.render(result))
+    for check in result.failures:
+        print(f"shoptune: plan: {args.profile}: {check.detail}", file=sys.stderr)
+    return 0 if result.fits else 1
 
 
 def command_position(argv: list[str]) -> int | None:

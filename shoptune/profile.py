@@ -129,6 +129,21 @@ class TinyModelParams:
 
 
 @dataclasses.dataclass
+class HardwareParams:
+    """profiles.<name>.hardware: the machines the profile is planned for. Read by `shoptune plan`
+    (does the profile fit them?) and `shoptune doctor` (is this machine one of them?), by no stage:
+    no stage's params in dvc.yaml name it, so changing it reruns nothing. Memory in GiB as
+    nvidia-smi's memory.total and /proc/meminfo report it."""
+
+    train_gpu_memory_gib: float | None  # the one GPU finetune trains on; null: training on the CPU
+    infer_gpus: int  # GPUs vLLM shards the model over; 0: inference on the CPU
+    infer_gpu_memory_gib: float | None  # each inference GPU's memory (null with infer_gpus 0)
+    infer_gpu_compute_capability: float | None  # e.g. 7.5 for a T4: no bfloat16 below 8.0
+    host_ram_gib: float  # the host's RAM: the largest stage must fit it
+    disk_gib: float  # free disk for the base model, every stage's outputs and the DVC cache
+
+
+@dataclasses.dataclass
 class Profile:
     """profiles.<name>: every section, and whether its stages get GPUs."""
 
@@ -141,3 +156,4 @@ class Profile:
     quantize: QuantizeParams
     infer: InferParams
     evaluate: EvaluateParams
+    hardware: HardwareParams
