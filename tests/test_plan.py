@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from shoptune import UserError, params, plan
+from shoptune import UserError, host_needs, model_shape, params, plan
 from tests.conftest import ROOT, shoptune
 
 GIB = 2**30
@@ -40,7 +40,7 @@ def qwen2_72b(tmp_path):
 
 
 def shape(**changes):
-    return dataclasses.replace(plan.shape_from_config(QWEN2_72B, "test"), **changes)
+    return dataclasses.replace(model_shape.shape_from_config(QWEN2_72B, "test"), **changes)
 
 
 def profile(name="paper"):
@@ -48,15 +48,15 @@ def profile(name="paper"):
 
 
 def test_qwen2_72b_has_72_7b_parameters_and_145_gb_in_16_bits():
-    assert plan.parameter_count(shape()) == 72_706_203_648  # "72.7B" on the model card
-    assert plan.dense_bytes(shape()) / 1e9 == pytest.approx(145.4, abs=0.1)
+    assert model_shape.parameter_count(shape()) == 72_706_203_648  # "72.7B" on the model card
+    assert model_shape.dense_bytes(shape()) / 1e9 == pytest.approx(145.4, abs=0.1)
 
 
 def test_29568_does_not_split_into_awq_groups_at_tp_4_and_29696_does():
     before = {c.name: c for c in plan.shard_checks(shape(), 4, 128)}
     assert not before["intermediate_size"].ok
     assert "7392 per GPU: not whole AWQ groups (7392 % 128 = 96)" in before["intermediate_size"].detail
-    padded = plan.padded_size(29568, 128, 4)
+    padded = model_shape.padded_size(29568, 128, 4)
     assert padded == 29696
     after = plan.shard_checks(shape(intermediate_size=padded), 4, 128)
     assert all(c.ok for c in after), [c.detail for c in after if not c.ok]
@@ -74,7 +74,7 @@ def test_heads_that_do_not_divide_fail():
 def test_awq_size_is_the_teams_38_74():
     """The team's file, 38.74: that is GiB (du, Kaggle), our 41.6e9 bytes. Tolerance 0.5 %: the
     file adds only safetensors headers (well under 1 MB) to the tensors counted here."""
-    size = plan.awq_bytes(shape(intermediate_size=29696), w_bit=4, group_size=128)
+    size = model_shape.awq_bytes(shape(intermediate_size=29696), w_bit=4, group_size=128)
     assert size / GIB == pytest.approx(38.74, rel=0.005)
     assert size / 1e9 == pytest.approx(41.6, abs=0.1)
 
@@ -82,27 +82,27 @@ def test_awq_size_is_the_teams_38_74():
 def test_awq_per_t4_at_tp_4_is_about_9_8_gib():
     """vLLM reports about 9.8 GiB of weights per T4; ours is 9.69. Tolerance 3 %: vLLM's figure
     also holds its own buffers (rotary cos/sin cache and the like) and is quoted to 0.1."""
-    per_gpu = plan.per_gpu_bytes(shape(intermediate_size=29696), 4, awq=(4, 128))
+    per_gpu = model_shape.per_gpu_bytes(shape(intermediate_size=29696), 4, awq=(4, 128))
     assert per_gpu / GIB == pytest.approx(9.8, rel=0.03)
     assert per_gpu < 14.75 * GIB * 0.9  # leaves room for a KV cache on a T4
 
 
 def test_the_arithmetic_matches_the_bytes_the_demo_wrote():
-    tiny = plan.shape_from_config(
-        plan.tiny_model_config(params.read_params(ROOT / "params.yaml")["tiny_model"]), "tiny"
+    tiny = model_shape.shape_from_config(
+        model_shape.tiny_model_config(params.read_params(ROOT / "params.yaml")["tiny_model"]), "tiny"
     )
-    assert plan.dense_bytes(tiny) == pytest.approx(DEMO_MERGED_BYTES, rel=1e-3)
-    padded = tiny.padded(plan.padded_size(tiny.intermediate_size, 128, 2))
+    assert model_shape.dense_bytes(tiny) == pytest.approx(DEMO_MERGED_BYTES, rel=1e-3)
+    padded = tiny.padded(model_shape.padded_size(tiny.intermediate_size, 128, 2))
     assert padded.intermediate_size == 512
-    assert plan.awq_bytes(padded, 4, 128) == pytest.approx(DEMO_AWQ_BYTES, rel=1e-3)
+    assert model_shape.awq_bytes(padded, 4, 128) == pytest.approx(DEMO_AWQ_BYTES, rel=1e-3)
 
 
 def test_kv_cache_bytes_per_token():
-    assert plan.kv_bytes_per_token(shape(), 2) == 2 * 80 * 8 * 128 * 2 == 327_680
+    assert model_shape.kv_bytes_per_token(shape(), 2) == 2 * 80 * 8 * 128 * 2 == 327_680
 
 
 def test_the_paper_profile_fits_4_t4s_and_one_48_gb_gpu(qwen2_72b):
-    result = plan.make_plan("paper", profile(), plan.read_config(qwen2_72b), str(qwen2_72b))
+    result = plan.make_plan("paper", profile(), model_shape.read_config(qwen2_72b), str(qwen2_72b))
     checks = {c.name: c for c in result.checks}
     assert checks["KV cache"].ok and "8 sequences of 4096" in checks["KV cache"].detail
     assert result.data["kv_cache"]["bytes_per_token_per_gpu"] == 81_920
@@ -118,7 +118,7 @@ def test_quantize_fits_the_paper_host_with_its_layer_by_layer_check(qwen2_72b):
     """stages/quantize.py holds the 16-bit model in host RAM for AutoAWQ (about 141 GiB for 72B);
     its check runs one layer at a time, so the whole paper plan fits (a whole-model float32 check
     would have needed about 900 GiB)."""
-    result = plan.make_plan("paper", profile(), plan.read_config(qwen2_72b), str(qwen2_72b))
+    result = plan.make_plan("paper", profile(), model_shape.read_config(qwen2_72b), str(qwen2_72b))
     assert result.failures == []
     assert 135 * GIB < result.stages["quantize"].ram_bytes < 160 * GIB
 
@@ -126,26 +126,31 @@ def test_quantize_fits_the_paper_host_with_its_layer_by_layer_check(qwen2_72b):
 def test_bfloat16_on_a_t4_fails(qwen2_72b):
     paper = profile()
     paper = dataclasses.replace(paper, infer=dataclasses.replace(paper.infer, dtype="bfloat16"))
-    result = plan.make_plan("paper", paper, plan.read_config(qwen2_72b), str(qwen2_72b))
+    result = plan.make_plan("paper", paper, model_shape.read_config(qwen2_72b), str(qwen2_72b))
     assert any("bfloat16 needs compute capability >= 8" in c.detail for c in result.failures)
 
 
 def test_dvc_cache_copies_unless_it_can_link():
-    assert plan.cache_copies(None) and plan.cache_copies("reflink,copy")  # DVC's default, on ext4
-    assert not plan.cache_copies("reflink,hardlink,symlink") and not plan.cache_copies("reflink,hardlink,copy")
-    assert plan.cache_copies("reflink,hardlink,copy", same_filesystem=False)  # no hardlink across filesystems
-    assert not plan.cache_copies("hardlink,symlink", same_filesystem=False)
+    assert host_needs.cache_copies(None) and host_needs.cache_copies("reflink,copy")  # DVC's default, on ext4
+    assert not host_needs.cache_copies("reflink,hardlink,symlink")
+    assert not host_needs.cache_copies("reflink,hardlink,copy")
+    assert host_needs.cache_copies("reflink,hardlink,copy", same_filesystem=False)  # no hardlink across filesystems
+    assert not host_needs.cache_copies("hardlink,symlink", same_filesystem=False)
 
 
 def test_the_dvc_cache_counts_in_the_disk_needed(qwen2_72b):
-    config = plan.read_config(qwen2_72b)
+    config = model_shape.read_config(qwen2_72b)
     copies = plan.make_plan("paper", profile(), config, "c", cache_type=None)
     links = plan.make_plan("paper", profile(), config, "c", cache_type="reflink,hardlink,symlink")
     assert links.needs()["cache_bytes"] == 0
-    models = plan.dense_bytes(config) + plan.dense_bytes(config.padded(29696)) + copies.data["weights"]["awq_bytes"]
+    models = (
+        model_shape.dense_bytes(config)
+        + model_shape.dense_bytes(config.padded(29696))
+        + copies.data["weights"]["awq_bytes"]
+    )
     assert copies.needs()["cache_bytes"] == models  # a copy of finetune's, pad's and quantize's models
     # the workspace: the base model, the three models, LoRA checkpoints while training
-    workspace = plan.dense_bytes(config) + models + copies.stages["finetune"].scratch_bytes
+    workspace = model_shape.dense_bytes(config) + models + copies.stages["finetune"].scratch_bytes
     assert copies.needs()["workspace_bytes"] == links.needs()["workspace_bytes"] == workspace
 
 
@@ -153,7 +158,7 @@ def test_a_config_without_a_key_names_it(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**QWEN2_72B, "hidden_size": None}))
     with pytest.raises(UserError, match=r"config.json: hidden_size: expected a positive integer"):
-        plan.read_config(path)
+        model_shape.read_config(path)
 
 
 # ---------------------------------------------------------------- the command
