@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -38,10 +39,16 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it replaces `path` only if the block succeeds.
+
+    The temporary folder is `.{name}.{pid}.{random}.tmp`. A process killed before it could
+    remove its own (SIGKILL, a stopped container, a power cut) leaves it behind: the next
+    atomic_dir of the same path removes it, unless the process that wrote it still runs.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -56,6 +63,41 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the `.{name}.{pid}.{random}.tmp` folders beside `path` whose writer is gone."""
+    temporary = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[a-z0-9_]+\.tmp")
+    for sibling in path.parent.iterdir():
+        match = temporary.fullmatch(sibling.name)
+        if match and sibling.is_dir() and not sibling.is_symlink():
+            if not may_be_writing(int(match[1]), sibling.stat().st_mtime):
+                shutil.rmtree(sibling, ignore_errors=True)
+
+
+def may_be_writing(pid: int, modified: float) -> bool:
+    """Whether process `pid` may be the one that wrote a folder last modified at `modified`:
+    it runs, and (where /proc tells) it started before that. A process started later has only
+    reused the number (or runs in another PID namespace, as a container's stage does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process: let it be
+    started = process_start_time(pid)
+    return started is None or started <= modified + 2  # a margin for the clocks' resolutions
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22, starttime, after "pid (comm) "
+    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def dumps(obj) -> str:

@@ -1,13 +1,20 @@
 """Benchmarks (make bench): throughput and memory of the stages' hot paths, on this machine.
 
-Results go to runs/bench/results.json. Timings are not asserted anywhere; compare runs
-on the same machine.
+    python -m tests.bench [clean|scoring|pad ...]     (all of them by default)
+
+Results go to runs/bench/results.json (those of the benches run replace theirs). Timings
+are not asserted anywhere; compare runs on the same machine. The pad bench writes two
+checkpoints of Qwen2-72B-shaped layers (1.6 and 4.8 GB) and, one at a time, their copies:
+about 10 GB free on the temporary folder's disk.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,33 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 from shoptune import runner, shopbench  # noqa: E402
 from stages import clean, synthesize  # noqa: E402
-
-MAKE_MODEL = """
-import json, sys, torch
-from safetensors.torch import save_file
-out, layers, hidden, inter = sys.argv[1], *map(int, sys.argv[2:5])
-torch.manual_seed(0)
-tensors = {"model.embed_tokens.weight": torch.randn(1024, hidden, dtype=torch.float16)}
-for i in range(layers):
-    p = f"model.layers.{i}.mlp."
-    tensors[p + "gate_proj.weight"] = torch.randn(inter, hidden, dtype=torch.float16)
-    tensors[p + "up_proj.weight"] = torch.randn(inter, hidden, dtype=torch.float16)
-    tensors[p + "down_proj.weight"] = torch.randn(hidden, inter, dtype=torch.float16)
-half = len(tensors) // 2
-names = sorted(tensors)
-save_file({k: tensors[k] for k in names[:half]}, out + "/model-00001-of-00002.safetensors", {"format": "pt"})
-save_file({k: tensors[k] for k in names[half:]}, out + "/model-00002-of-00002.safetensors", {"format": "pt"})
-json.dump({"intermediate_size": inter, "hidden_size": hidden, "model_type": "qwen2"}, open(out + "/config.json", "w"))
-"""
-
-
-PAD_WITH_PEAK = """
-import resource, sys
-from stages.pad import pad_model
-from pathlib import Path
-pad_model(Path(sys.argv[1]), Path(sys.argv[2]), 128, 4, False, 0.0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
 
 
 def timed(fn, *args):
@@ -87,38 +67,129 @@ def bench_scoring(n: int = 20000) -> dict:
     return {"rows": n, "seconds": round(seconds, 3), "rows_per_second": round(n / seconds)}
 
 
-def bench_pad(layers: int = 8, hidden: int = 1024, intermediate: int = 2752) -> dict:
+# Qwen2-72B's MLP: hidden 8192, intermediate 29568 (-> 29696 for AWQ groups of 128 x TP 4), bf16.
+HIDDEN, INTERMEDIATE = 8192, 29568
+
+
+def write_bench_model(folder: Path, layers: int) -> tuple[int, int]:
+    """A bf16 checkpoint of Qwen2-72B-shaped layers, written by numpy a window at a time (the
+    builder's memory stays small): per layer one shard of gate/up_proj and one of down_proj,
+    o_proj and the norms, and an index. (bytes, shards)."""
+    import numpy as np
+
+    from shoptune.checkpoint import lay_out
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 16, 32 << 20, dtype=np.uint16) & 0xBFFF  # finite bf16: exponent < 128
+    pool = memoryview(bits).cast("B")
+    folder.mkdir(parents=True)
+    weight_map, total, shards = {}, 0, 2 * layers
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        contents = [
+            {p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN), p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN)},
+            {
+                p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+                p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                p + "input_layernorm.weight": (HIDDEN,),
+                p + "post_attention_layernorm.weight": (HIDDEN,),
+            },
+        ]
+        for part, tensors in enumerate(contents):
+            name = f"model-{2 * layer + part + 1:05d}-of-{shards:05d}.safetensors"
+            header, placed = lay_out([(t, "BF16", shape) for t, shape in tensors.items()], {"format": "pt"})
+            with open(folder / name, "wb") as out:
+                out.write(header)
+                for tensor in placed:
+                    for start in range(0, tensor.nbytes, len(pool)):
+                        out.write(pool[: min(len(pool), tensor.nbytes - start)])
+                    total += tensor.nbytes
+            weight_map.update(dict.fromkeys(tensors, name))
+    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": HIDDEN}
+    config |= {"intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total, shards
+
+
+def run_measured(command: list[str]) -> tuple[float, int, subprocess.CompletedProcess]:
+    """(seconds, peak RSS in kB, the finished process). The peak from /usr/bin/time where there is
+    one, else the largest of this process's children so far (an upper bound)."""
+    subprocess.run(["sync"], check=True)  # each run starts with nothing left to write back
+    timer = ["/usr/bin/time", "-f", "peak_rss_kb=%M"] if Path("/usr/bin/time").is_file() else []
+    start = time.perf_counter()
+    result = subprocess.run(timer + command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    peaks = [int(line.split("=")[1]) for line in result.stderr.splitlines() if line.startswith("peak_rss_kb=")]
+    return seconds, peaks[-1] if peaks else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, result
+
+
+def bench_pad(layer_counts: tuple[int, ...] = (1, 3), repetitions: int = 2) -> dict:
+    """`cp -r MODEL COPY` against `python -m stages.pad MODEL OUT --group-size 128 --tensor-parallel-size 4`
+    on Qwen2-72B-shaped checkpoints of two sizes, alternating, each output deleted once measured."""
     python = str(runner.local_python("quant"))
-    with tempfile.TemporaryDirectory() as folder:
-        model, out = Path(folder) / "model", Path(folder) / "padded"
-        model.mkdir()
-        subprocess.run([python, "-c", MAKE_MODEL, str(model), str(layers), str(hidden), str(intermediate)], check=True)
-        size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-        start = time.perf_counter()
-        result = subprocess.run(
-            [python, "-c", PAD_WITH_PEAK, str(model), str(out)], check=True, cwd=ROOT, capture_output=True, text=True
-        )
-        seconds = time.perf_counter() - start
-        peak_kb = int(result.stdout.strip().splitlines()[-1])
-    return {
-        "layers": layers,
-        "hidden": hidden,
-        "intermediate": intermediate,
-        "model_mb": round(size / 1e6, 1),
-        "shards": 2,
-        "seconds": round(seconds, 2),
-        "mb_per_second": round(size / 1e6 / seconds, 1),
-        "peak_rss_mb": round(peak_kb / 1024, 1),
-    }
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pad-") as folder:
+        for layers in layer_counts:
+            model, out = Path(folder) / f"model-{layers}", Path(folder) / "out"
+            size, shards = write_bench_model(model, layers)
+            commands = {
+                "cp": ["cp", "-r", str(model), str(out)],
+                "pad": [python, "-m", "stages.pad", str(model), str(out), "--group-size", "128"]
+                + ["--tensor-parallel-size", "4"],
+            }
+            run_measured(commands["cp"])  # untimed: the first write after the build is an outlier, whoever does it
+            shutil.rmtree(out)
+            seconds: dict[str, list[float]] = {"cp": [], "pad": []}
+            peaks = []
+            for _ in range(repetitions):
+                for tool, command in commands.items():
+                    elapsed, peak, result = run_measured(command)
+                    seconds[tool].append(elapsed)
+                    if tool == "pad":
+                        peaks.append(peak)
+                        report = json.loads(result.stdout)
+                    shutil.rmtree(out)
+            shutil.rmtree(model)
+            cp, pad = statistics.median(seconds["cp"]), statistics.median(seconds["pad"])
+            results[f"{layers}_layers"] = {
+                "layers": layers,
+                "hidden": HIDDEN,
+                "intermediate": INTERMEDIATE,
+                "padded_intermediate": report["padded_intermediate_size"],
+                "dtype": "BF16",
+                "model_gb": round(size / 1e9, 2),
+                "shards": shards,
+                "cp_seconds": round(cp, 2),
+                "pad_seconds": round(pad, 2),
+                "pad_over_cp": round(pad / cp, 2),
+                "pad_gb_per_second": round(size / 1e9 / pad, 2),
+                "pad_peak_rss_mb": round(max(peaks) / 1024, 1),
+                "bytes_verified": report["bytes_verified"],
+                "runs": {tool: [round(s, 2) for s in times] for tool, times in seconds.items()},
+            }
+    return results
 
 
-def main() -> None:
-    results = {"clean": bench_clean(), "scoring": bench_scoring(), "pad": bench_pad()}
+BENCHES = {"clean": bench_clean, "scoring": bench_scoring, "pad": bench_pad}
+
+
+def main(names: list[str]) -> None:
+    """Run the benches named (all by default); their results replace theirs in runs/bench/results.json."""
+    unknown = set(names) - set(BENCHES)
+    if unknown:
+        raise SystemExit(f"unknown bench(es) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHES)}")
     out = ROOT / "runs" / "bench" / "results.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for name in names or BENCHES:
+        results[name] = BENCHES[name]()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

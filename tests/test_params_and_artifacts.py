@@ -1,6 +1,8 @@
 import dataclasses
 import json
+import os
 import struct
+import subprocess
 
 import pytest
 
@@ -128,6 +130,21 @@ def test_atomic_dir_replaces_only_when_complete(tmp_path):
         raise RuntimeError
     assert sorted(p.name for p in target.iterdir()) == ["a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_atomic_dir_removes_the_temporary_folders_of_writers_gone(tmp_path):
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = tmp_path / f".model.{finished.pid}.k2j4h9x1.tmp"  # its process was killed
+    reused = tmp_path / f".model.{os.getpid()}.q7w8e9r0.tmp"  # written before this process began: a number reused
+    live = tmp_path / f".model.{os.getpid()}.a8d7f6s5.tmp"  # this process's, still being written
+    other = tmp_path / f".model.1.{finished.pid}.z1x2c3v4.tmp"  # model.1's, not model's
+    for folder in (dead, reused, live, other):
+        folder.mkdir()
+    os.utime(reused, (1_000_000, 1_000_000))
+    with atomic_dir(tmp_path / "model") as out:
+        (out / "a").write_text("1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "model"])
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):
