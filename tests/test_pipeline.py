@@ -1,7 +1,8 @@
 """`dvc repro` of the demo profile end to end in a fresh copy of the repository, as the README
 runs it (.venv/bin/dvc, no PATH set up): every stage runs, the committed dvc.lock is what the
 demo produces (git status stays empty), the docker runner gives the same bytes, outputs travel
-through the default remote, and a parameter change reruns only what depends on it."""
+through the default remote (also split between a training and an inference host), and a
+parameter change reruns only what depends on it."""
 
 from __future__ import annotations
 
@@ -90,6 +91,27 @@ def test_outputs_travel_through_the_default_remote(project):
     assert (clone / "runs/demo/quantize/model/config.json").is_file()
     assert ran(sh(".venv/bin/dvc", "repro", "evaluate@demo", cwd=clone)) == set()
     assert sh("git", "status", "--porcelain", cwd=clone) == ""
+
+
+def test_two_hosts_train_on_one_and_infer_on_the_other(project):
+    """The paper's split at demo scale: the training host pushes what it made up to the AWQ
+    model; the inference host (a second clone, the same remote) pulls that and runs only
+    inference and evaluation, to the same bytes."""
+    sh(".venv/bin/dvc", "push", "quantize@demo", "--with-deps", cwd=project)
+    inference_host = project.parent / "inference-host"
+    sh("git", "clone", "-q", str(project), str(inference_host), cwd=project.parent)
+    (inference_host / ".venv").symlink_to(project / ".venv")
+    sh(".venv/bin/dvc", "pull", "quantize@demo", "--with-deps", cwd=inference_host)
+    assert not (inference_host / "runs/demo/infer").exists()
+    output = sh(".venv/bin/dvc", "repro", "evaluate@demo", cwd=inference_host)
+    assert ran(output) == {"infer@demo", "evaluate@demo"}
+    assert sh("git", "status", "--porcelain", cwd=inference_host) == ""  # the training host's dvc.lock
+    # outputs are linked to DVC's cache, not copied (the paper's models are 145 GB each)
+    model = inference_host / "runs/demo/quantize/model/model.safetensors"
+    probe = subprocess.run(["cp", "--reflink=always", str(model), str(model.parent.parent / "probe")])
+    if probe.returncode != 0:  # no reflinks on this file system: DVC hardlinks
+        assert model.stat().st_nlink == 2
+    (model.parent.parent / "probe").unlink(missing_ok=True)
 
 
 def test_changing_an_inference_parameter_reruns_only_infer_and_evaluate(project):
