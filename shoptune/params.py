@@ -6,12 +6,14 @@
           finetune: {learning_rate: 2.0e-4, ...}
 
 `load("demo", "finetune", FinetuneParams)` returns a FinetuneParams, or raises a
-UserError naming the file and the key that is missing, unknown or of the wrong type.
+UserError naming the file and the key that is missing, unknown or of the wrong type, or
+whose value a stage would take silently or fail on late (VALUE_CHECKS).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from pathlib import Path
@@ -19,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from shoptune import UserError
-from shoptune.profile import Profile, TinyModelParams
+from shoptune.catalog import LOCALES
+from shoptune.profile import CleanParams, Profile, SynthesizeParams, TinyModelParams
 
 PARAMS_FILE = Path("params.yaml")
 # params.yaml: the demo's tiny model (shared by every profile) and the profiles
@@ -101,11 +104,18 @@ def parse(raw: dict, schema: type, where: str):
                 raise UserError(f"{where}.{name}: missing")
             continue
         values[name] = _check(raw[name], hints[name], f"{where}.{name}")
-    return schema(**values)
+    result = schema(**values)
+    if schema in VALUE_CHECKS:
+        VALUE_CHECKS[schema](result, where)
+    return result
 
 
 def _check(value, hint, where: str):
     origin = typing.get_origin(hint)
+    takes_text = hint is str or (origin in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+    if isinstance(value, datetime.date) and takes_text:  # api_version: 2024-02-01, unquoted
+        key, text = where.rsplit(".", 1)[-1], value.isoformat()
+        raise UserError(f'{where}: YAML read {text} as a date; quote it: {key}: "{text}"')
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -115,8 +125,9 @@ def _check(value, hint, where: str):
                 continue
             try:
                 return _check(value, option, where)
-            except UserError:
-                pass
+            except UserError as err:
+                if not str(err).startswith(f"{where}:"):  # the shape fits, a key inside does not: name that key
+                    raise
         raise UserError(f"{where}: expected {_name(hint)}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
@@ -130,7 +141,8 @@ def _check(value, hint, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_hint, value_hint = typing.get_args(hint) or (typing.Any, typing.Any)
+        return {_check(k, key_hint, f"{where}.{k}"): _check(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if hint is typing.Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -147,6 +159,61 @@ def _check(value, hint, where: str):
 
 
 def _name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        names = [_name(option) for option in options if option is not type(None)]
+        return " or ".join(names + ["null"] * (type(None) in options))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         hint, str(hint).replace("typing.", "")
     )
+
+
+# ---------------------------------------------------------------- values, per section
+
+
+def check_synthesize(p: SynthesizeParams, where: str) -> None:
+    _positive_or_null(p.max_products, f"{where}.max_products")
+    if p.products_per_locale is not None:
+        if not p.products_per_locale:
+            raise UserError(f"{where}.products_per_locale: no locale named (null: every product)")
+        for locale, count in p.products_per_locale.items():
+            if locale not in LOCALES:
+                raise UserError(f"{where}.products_per_locale.{locale}: not a locale (have: {', '.join(LOCALES)})")
+            _positive_or_null(count, f"{where}.products_per_locale.{locale}")
+    _at_least(p.questions_per_product, 1, f"{where}.questions_per_product")
+    _at_least(p.options_per_question, 2, f"{where}.options_per_question")
+    _at_least(p.max_tokens, 1, f"{where}.max_tokens")
+    _at_least(p.concurrency, 1, f"{where}.concurrency")
+    _at_least(p.max_retries, 0, f"{where}.max_retries")
+    if not 0 <= p.temperature <= 2:
+        raise UserError(f"{where}.temperature: expected a number in [0, 2], got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise UserError(f"{where}.top_p: expected a number in (0, 1], got {p.top_p}")
+    if p.api_version is not None and not p.base_url:
+        raise UserError(
+            f"{where}.base_url: null, but api_version is set (Azure OpenAI): "
+            "set base_url to the resource endpoint, https://<resource>.openai.azure.com"
+        )
+
+
+def check_clean(p: CleanParams, where: str) -> None:
+    _at_least(p.min_options, 2, f"{where}.min_options")
+    if p.max_options < p.min_options:
+        raise UserError(
+            f"{where}.max_options: {p.max_options} is less than min_options {p.min_options} "
+            "(every item would be rejected)"
+        )
+
+
+# schema -> its value check, called by parse() once the types are right
+VALUE_CHECKS = {SynthesizeParams: check_synthesize, CleanParams: check_clean}
+
+
+def _positive_or_null(value: int | None, where: str) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{where}: expected a positive integer or null (all), got {value}")
+
+
+def _at_least(value: int, least: int, where: str) -> None:
+    if value < least:
+        raise UserError(f"{where}: expected an integer of at least {least}, got {value}")

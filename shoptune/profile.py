@@ -26,7 +26,8 @@ class SynthesizeParams:
     top_p: float
     concurrency: int
     max_retries: int
-    max_products: int | None
+    max_products: int | None  # the first N products chosen; null: all of them
+    products_per_locale: dict[str, int | None] | None  # {DE: 500, ...}: sampled with seed; null: every product
     seed: int
 
 

@@ -123,17 +123,49 @@ def fewshot_text(rows: list[dict], path: str) -> str:
     return "Examples:\n\n" + "\n\n".join(examples)
 
 
+AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
+
+
+def azure_auth(p: SynthesizeParams) -> dict:
+    """AzureOpenAI's (or AsyncAzureOpenAI's) credential: the key if its variable is set, else a
+    Microsoft Entra ID (Azure AD) token from azure-identity's DefaultAzureCredential."""
+    key = os.environ.get(p.api_key_env)
+    if key:
+        return {"api_key": key}
+    try:
+        from azure.core.exceptions import ClientAuthenticationError
+        from azure.identity import DefaultAzureCredential, get_bearer_token_provider
+    except ImportError:
+        raise UserError(
+            f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env): set it to the "
+            "Azure OpenAI key, or install azure-identity to sign in with Microsoft Entra ID instead"
+        ) from None
+    provider = get_bearer_token_provider(DefaultAzureCredential(), AZURE_SCOPE)
+
+    def token() -> str:
+        try:
+            return provider()
+        except ClientAuthenticationError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(
+                f"{p.api_key_env} is not set and Microsoft Entra ID sign-in failed ({first}); "
+                "sign in (az login) or set the key"
+            ) from None
+
+    return {"azure_ad_token_provider": token}
+
+
 def openai_writer(fewshot: str, p: SynthesizeParams) -> Callable[[Product], str]:
     import openai
 
-    key = os.environ.get(p.api_key_env)
-    if not key:
-        raise UserError(f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env)")
     if p.api_version:  # Azure OpenAI: base_url is the resource endpoint, model the deployment name
         client = openai.AzureOpenAI(
-            azure_endpoint=p.base_url, api_version=p.api_version, api_key=key, max_retries=p.max_retries
+            azure_endpoint=p.base_url, api_version=p.api_version, max_retries=p.max_retries, **azure_auth(p)
         )
     else:
+        key = os.environ.get(p.api_key_env)
+        if not key:
+            raise UserError(f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env)")
         client = openai.OpenAI(base_url=p.base_url, api_key=key, max_retries=p.max_retries)
     system = instructions(p) + "\n\n" + fewshot
 
@@ -166,10 +198,8 @@ def openai_writer(fewshot: str, p: SynthesizeParams) -> Callable[[Product], str]
 
 
 def synthesize(profile: str) -> None:
-    p = params.load(profile, "synthesize", SynthesizeParams)
-    if p.options_per_question < 2:
-        raise UserError("params.yaml: synthesize.options_per_question must be at least 2")
-    products = read_catalog(p.catalog)[: p.max_products]
+    p = params.load(profile, "synthesize", SynthesizeParams)  # values checked too (params.check_synthesize)
+    products = read_catalog(p.catalog, p.products_per_locale, p.seed)[: p.max_products]
     if p.backend == "offline":
         write = offline_writer(products, p)
     elif p.backend == "openai":

@@ -8,6 +8,7 @@ import pytest
 
 from shoptune import UserError, params
 from shoptune.artifacts import atomic_dir, atomic_file, read_jsonl, sort_safetensors_metadata
+from shoptune.profile import CleanParams, SynthesizeParams
 from tests.conftest import ROOT
 
 
@@ -95,6 +96,59 @@ def test_a_profile_with_a_typo_anywhere_names_the_key(tmp_path, old, new, messag
     path = repository_params_with(tmp_path, old, new)
     with pytest.raises(UserError, match=message):
         params.load_profile("demo", path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("max_products: null", "max_products: -1", r"synthesize.max_products: expected a positive integer or null"),
+        ("max_products: null", "max_products: 0", r"synthesize.max_products: expected a positive integer or null"),
+        ("DE: 10,", "DE: 0,", r"synthesize.products_per_locale.DE: expected a positive integer or null"),
+        ("DE: 10,", "DE: many,", r"synthesize.products_per_locale.DE: expected an integer or null, got 'many'"),
+        ("DE: 10,", "XX: 10,", r"synthesize.products_per_locale.XX: not a locale \(have: DE, JP, UK, ES, FR, IT\)"),
+        ("products_per_locale: {DE", "products_per_locale: {} #", r"synthesize.products_per_locale: no locale named"),
+        ("questions_per_product: 5", "questions_per_product: 0", r"synthesize.questions_per_product: .* at least 1"),
+        (
+            "options_per_question: 3",
+            "options_per_question: 1",
+            r"synthesize.options_per_question: .* at least 2, got 1",
+        ),
+        ("max_tokens: 1000", "max_tokens: 0", r"synthesize.max_tokens: expected an integer of at least 1"),
+        ("concurrency: 1", "concurrency: 0", r"synthesize.concurrency: expected an integer of at least 1, got 0"),
+        ("max_retries: 3", "max_retries: -1", r"synthesize.max_retries: expected an integer of at least 0, got -1"),
+        ("temperature: 0.3", "temperature: 2.5", r"synthesize.temperature: expected a number in \[0, 2\], got 2.5"),
+        ("top_p: 0.95", "top_p: 0", r"synthesize.top_p: expected a number in \(0, 1\], got 0"),
+        ("min_options: 2", "min_options: 1", r"clean.min_options: expected an integer of at least 2, got 1"),
+        ("min_options: 2", "min_options: 12", r"clean.max_options: 10 is less than min_options 12 \(every item"),
+        (
+            "api_version: null",
+            "api_version: 2024-02-01",
+            r'demo.synthesize.api_version: YAML read 2024-02-01 as a date; quote it: api_version: "2024-02-01"$',
+        ),
+        (
+            "api_version: null",
+            'api_version: "2024-02-01"',
+            r"profiles.demo.synthesize.base_url: null, but api_version is set \(Azure OpenAI\): set base_url to",
+        ),
+    ],
+)
+def test_a_value_a_stage_would_take_silently_or_fail_on_names_the_key(tmp_path, old, new, message):
+    """Checked both where `shoptune run` loads the whole profile and where the stage loads its section."""
+    path = repository_params_with(tmp_path, old, new)
+    section, schema = ("clean", CleanParams) if "min_options" in old else ("synthesize", SynthesizeParams)
+    for load in (lambda: params.load_profile("demo", path), lambda: params.load("demo", section, schema, path)):
+        with pytest.raises(UserError, match=message) as err:
+            load()
+        assert "\n" not in str(err.value)
+
+
+def test_azure_params_that_load(tmp_path):
+    path = repository_params_with(tmp_path, "api_version: null", 'api_version: "2024-02-01"')
+    text = path.read_text()
+    start = text.index("  demo:")
+    path.write_text(text[:start] + text[start:].replace("base_url: null", "base_url: https://shop.openai.azure.com", 1))
+    loaded = params.load_profile("demo", path).synthesize
+    assert (loaded.base_url, loaded.api_version) == ("https://shop.openai.azure.com", "2024-02-01")
 
 
 def test_an_unknown_top_level_key_is_named(tmp_path):
