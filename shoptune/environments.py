@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import filecmp
 import hashlib
 import json
 import os
@@ -341,6 +342,37 @@ def say(message: str) -> None:
 
 
 # ---------------------------------------------------------------- installing
+
+
+def share_identical_files(venv: Path, others: list[Path], smallest: int = 256 << 10) -> int:
+    """Hardlink each file of `venv` (of `smallest` bytes or more) to the same file of another
+    environment: the same path, size, mode and bytes (torch, numpy and their libraries are in
+    four environments: about 3.5 GB). pip never rewrites an installed file in place, and
+    removing an environment removes only its links. Returns the bytes saved."""
+    saved = 0
+    for path in venv.rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        stat = path.stat()
+        if stat.st_size < smallest or stat.st_nlink > 1:
+            continue
+        relative = path.relative_to(venv)
+        for other in others:
+            twin = other / relative
+            try:
+                twin_stat = twin.stat()
+            except OSError:
+                continue
+            if (twin_stat.st_size, twin_stat.st_mode) != (stat.st_size, stat.st_mode) or twin.is_symlink():
+                continue
+            if twin_stat.st_dev != stat.st_dev or not filecmp.cmp(path, twin, shallow=False):
+                continue
+            link = path.with_name(f".{path.name}.link")
+            os.link(twin, link)
+            os.replace(link, path)
+            saved += stat.st_size
+            break
+    return saved
 
 
 def install(python: Path, listing: Path) -> None:

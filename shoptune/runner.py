@@ -194,7 +194,11 @@ def local_python(image: str, kind: str = "cpu") -> Path:
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         environments.install(python, listing)
+        others = [v for v in VENVS.iterdir() if v.is_dir() and v != venv and (v / ".shoptune-lock").is_file()]
+        saved = environments.share_identical_files(venv, others)
         stamp.write_text(wanted)
+        if saved:
+            say(f"{saved / 1e9:.1f} GB of files shared with the other environments (hardlinks)")
         say(f"environment '{name}' ready")
     return python
 

@@ -107,3 +107,21 @@ def test_cuda_locks_resolve_on_a_plain_machine(image, tmp_path):
         assert {name: version for name, (version, _) in chosen.items()} == {p.name: p.version for p in group}
         locked = {p.name: set(p.hashes) for p in group}
         assert [name for name, (_, digest) in chosen.items() if digest not in locked[name]] == []
+
+
+def test_identical_files_of_environments_are_shared_as_hardlinks(tmp_path):
+    first, second = tmp_path / "quant", tmp_path / "eval"
+    for venv in (first, second):
+        (venv / "lib/torch").mkdir(parents=True)
+        (venv / "lib/torch/libtorch_cpu.so").write_bytes(b"\1" * 300_000)
+        (venv / "lib/small.py").write_bytes(b"x = 1\n")
+    (first / "lib/torch/other.so").write_bytes(b"\2" * 300_000)
+    (second / "lib/torch/other.so").write_bytes(b"\3" * 300_000)  # same size, other bytes
+    saved = environments.share_identical_files(second, [first])
+    assert saved == 300_000
+    same = [(first / n).stat().st_ino == (second / n).stat().st_ino for n in ("lib/torch/libtorch_cpu.so",)]
+    assert same == [True]
+    assert (first / "lib/torch/other.so").stat().st_ino != (second / "lib/torch/other.so").stat().st_ino
+    assert (second / "lib/torch/other.so").read_bytes() == b"\3" * 300_000
+    assert (second / "lib/small.py").stat().st_nlink == 1  # small files are left alone
+    assert environments.share_identical_files(second, [first]) == 0  # already shared
