@@ -174,7 +174,14 @@ def bench_pad(layer_counts: tuple[int, ...] = (1, 3), repetitions: int = 2) -> d
     return results
 
 
-BENCHES = {"clean": bench_clean, "scoring": bench_scoring, "pad": bench_pad}
+def bench_llm() -> dict:
+    """The synthesis client against a 200 ms server (tests/bench_llm.py), beside a minimal asyncio client."""
+    from tests.bench_llm import bench_llm_client
+
+    return bench_llm_client()
+
+
+BENCHES = {"clean": bench_clean, "scoring": bench_scoring, "pad": bench_pad, "llm": bench_llm}
 
 
 def main(names: list[str]) -> None:
