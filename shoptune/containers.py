@@ -199,6 +199,8 @@ def run(
             volumes=volumes,
             environment=environment,
             network_disabled=not network,
+            # a server on the host (a local vLLM, say) is http://host.docker.internal:PORT from inside
+            extra_hosts={"host.docker.internal": "host-gateway"} if network else None,
             device_requests=device_requests(gpus, devices),
             shm_size="8g" if gpus else None,  # NCCL and vLLM's workers share tensors through /dev/shm
             labels=labels,

@@ -41,15 +41,21 @@ NETWORK_STAGES = {"synthesize"}
 VENVS = Path(os.environ.get("SHOPTUNE_VENVS", REPOSITORY / ".venvs"))
 WORKDIR_IN_CONTAINER = "/workspace"
 # Variables a stage may need at run time; their values are passed to the process or
-# container, never written to an image, a log or an output: keys, the host's threading
-# and BLAS kernel settings (OpenBLAS picks another kernel without them, and numpy's results
-# differ in the last bits from the local runner's), and the GPU libraries' own settings
+# container, never written to an image, a log or an output: the host's threading and BLAS
+# kernel settings (OpenBLAS picks another kernel without them, and numpy's results differ in
+# the last bits from the local runner's), and the GPU libraries' own settings
 # (NCCL_P2P_DISABLE=1 on PCIe T4 boxes, VLLM_*, TRITON_*, HF_*).
 PASSED_ENVIRONMENT = (
-    *("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY"),
-    *("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"),
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+    "OPENBLAS_NUM_THREADS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
 )
 PASSED_PREFIXES = ("NCCL_", "VLLM_", "TRITON_", "HF_", "TORCH_CUDA_ARCH_LIST")
+# Keys reach only the stages that call an API (NETWORK_STAGES): these, and the variable the
+# profile names in synthesize.api_key_env.
+SECRETS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY")
 # Set for every stage, whatever the runner: a fixed hash seed (any walk over a set of strings
 # then takes the same order in every run); torch asks NVML, not the CUDA driver, whether a GPU
 # is there (a driver initialized before vLLM forks its workers breaks them); unsloth sends no
@@ -87,13 +93,18 @@ def cache_dir(tag: str) -> Path:
     raise UserError(f"cannot make the cache folder {roots[0] / name} (set SHOPTUNE_CACHE to a writable folder)")
 
 
-def passed_environment() -> dict[str, str]:
-    """The host's variables a stage receives (see PASSED_ENVIRONMENT)."""
-    return {
+def passed_environment(stage: str | None = None, profile=None) -> dict[str, str]:
+    """The host's variables a stage's container receives: the settings above, and the keys only
+    for a stage that calls an API."""
+    secrets = {*SECRETS, profile.synthesize.api_key_env} if profile is not None else set(SECRETS)
+    settings = {
         name: value
         for name, value in os.environ.items()
-        if name in PASSED_ENVIRONMENT or name.startswith(PASSED_PREFIXES)
+        if (name in PASSED_ENVIRONMENT or name.startswith(PASSED_PREFIXES)) and name not in secrets
     }
+    if stage in NETWORK_STAGES:
+        settings.update({name: os.environ[name] for name in sorted(secrets) if name in os.environ})
+    return settings
 
 
 def gpus_for(stage: str, profile) -> int:
@@ -158,7 +169,9 @@ def run(stage: str, args: list[str], runner: str, profile_name: str | None = Non
             environment["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         status = run_local(stage, args, Path(built), environment)
     else:
-        status = run_docker(stage, args, built, environment, gpus, devices, profile_name)
+        status = run_docker(
+            stage, args, built, environment, gpus, devices, profile_name, passed_environment(stage, profile)
+        )
     if profile_name is not None:
         record = provenance(stage, profile_name, runner, image, kind, built, started, status)
         write_json(stage_dir(profile_name, stage) / "provenance.json", record)
@@ -224,11 +237,12 @@ def run_docker(
     gpus: int = 0,
     devices: list[str] | None = None,
     profile: str | None = None,
+    host_environment: dict[str, str] | None = None,
 ) -> int:
     from shoptune import containers
 
     mounts = {cache_dir(tag): CACHE_IN_CONTAINER}
-    env = passed_environment()
+    env = passed_environment(stage) if host_environment is None else dict(host_environment)
     if "HF_HOME" in env:  # the host's Hugging Face cache, where the host has it
         mounts[Path(env["HF_HOME"])] = env["HF_HOME"]
     env.update(

@@ -249,3 +249,39 @@ def test_after_kill_9_the_next_run_removes_the_orphan(images, docker_client, tmp
     assert f"removing container {orphan.short_id} left by an earlier run" in result.stderr
     assert not docker_client.containers.list(all=True, filters={"label": f"shoptune.workspace={folder}"})
     assert (folder / "runs/demo/synthesize/generations.jsonl").is_file()
+
+
+def test_a_network_stage_reaches_a_server_on_the_host(images, docker_client, tmp_path, monkeypatch, capfd):
+    """An OpenAI-compatible server on the host (a local vLLM, say), listening on all interfaces,
+    is http://host.docker.internal:PORT from the synthesize stage's container."""
+    import http.server
+    import threading
+
+    from shoptune import containers
+
+    class Pong(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"pong from the host")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Pong)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.chdir(tmp_path)
+    url = f"http://host.docker.internal:{server.server_address[1]}/"
+    try:
+        status = containers.run(
+            docker_client,
+            images["data"],
+            ["python", "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=20).read())"],
+            labels={"shoptune.workspace": str(tmp_path), "shoptune.stage": "host", "shoptune.profile": "demo"},
+            environment={},
+            writable=[],
+            network=True,
+        )
+    finally:
+        server.shutdown()
+    assert status == 0 and "pong from the host" in capfd.readouterr().err

@@ -117,3 +117,23 @@ def test_the_gpu_check_profile_is_a_valid_profile_on_the_gpu_paths(tmp_path):
     assert (profile.infer.backend, profile.infer.model, profile.infer.dtype) == ("vllm", "quantized", "float16")
     assert profile.infer.tensor_parallel_size == 2 and data["profiles"]["demo"]["infer"]["backend"] == "transformers"
     assert runner.gpus_for("infer", profile) == 2
+
+
+def test_keys_reach_only_the_stage_that_calls_an_api(monkeypatch):
+    """synthesize gets the variable its profile names (api_key_env), as well as the usual key
+    names; no other stage gets any key."""
+    import dataclasses
+
+    from shoptune import params
+
+    paper = params.load_profile("paper")
+    azure = dataclasses.replace(paper, synthesize=dataclasses.replace(paper.synthesize, api_key_env="MY_AZURE_KEY"))
+    monkeypatch.setenv("MY_AZURE_KEY", "secret-1")
+    monkeypatch.setenv("OPENAI_API_KEY", "secret-2")
+    monkeypatch.setenv("HF_TOKEN", "secret-3")
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "1")
+    synthesize = runner.passed_environment("synthesize", azure)
+    assert {"MY_AZURE_KEY", "OPENAI_API_KEY", "HF_TOKEN", "NCCL_P2P_DISABLE"} <= set(synthesize)
+    for stage in ("finetune", "infer", "evaluate", None):
+        passed = runner.passed_environment(stage, azure)
+        assert "NCCL_P2P_DISABLE" in passed and not {"MY_AZURE_KEY", "OPENAI_API_KEY", "HF_TOKEN"} & set(passed)
