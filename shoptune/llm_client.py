@@ -57,77 +57,28 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import email.utils
-import hashlib
 import heapq
-import json
 import logging
 import math
-import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import openai
 from openai.types.chat import ChatCompletion
 
 from shoptune import UserError
 from shoptune.journal import FAILURE, NOT_SENT, SUCCESS, Journal, Outcome
+from shoptune.llm_budget import Budget
+from shoptune.llm_rate_limits import AdaptiveWindow, Limits, TokenBucket
+from shoptune.llm_requests import Request
+from shoptune.llm_verdicts import RetryPolicy, Verdict, judge_completion, judge_error
 
-STOP_STATUSES = (401, 403, 404)
-RETRY_STATUSES = (408, 409, 429)
 SYNC_INTERVAL = 0.5  # seconds between fsyncs of the journal
 ALL_REFUSED = 10  # this many permanent failures and no success yet: the settings are wrong, stop
 
 
-# ------------------------------------------------------------------ requests and settings
-
-
-def canonical(value: Any) -> Any:
-    """JSON-ready and normalised: mapping keys sorted by json.dumps, whole floats as ints, None values dropped."""
-    if isinstance(value, Mapping):
-        return {str(k): canonical(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list | tuple):
-        return [canonical(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def request_key(model: str, messages: Sequence[Mapping[str, Any]], sampling: Mapping[str, Any]) -> str:
-    """sha256 of a canonical JSON of (model, messages, sampling): the same inputs give the same key."""
-    text = json.dumps(
-        canonical([model, list(messages), dict(sampling)]), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Request:
-    """One chat completion: `sampling` holds the other arguments of create() (temperature, max_tokens, top_p...).
-    Requests are equal, and hash, by key."""
-
-    model: str
-    messages: Sequence[Mapping[str, Any]]
-    sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    key: str = dataclasses.field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "key", request_key(self.model, self.messages, self.sampling))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Request) and other.key == self.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
-
-    def estimate(self) -> tuple[int, int]:
-        """(prompt tokens, most output tokens), before sending: UTF-8 bytes / 3 is an overestimate for
-        most languages; without max_tokens the output is counted as 0."""
-        size = sum(len(str(m.get("content") or "").encode()) + 12 for m in self.messages)
-        output = self.sampling.get("max_completion_tokens") or self.sampling.get("max_tokens") or 0
-        return math.ceil(size / 3), int(output)
+# ------------------------------------------------------------------ settings and result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,34 +89,6 @@ class ClientConfig:
     api_key: str = dataclasses.field(repr=False)
     base_url: str | None = None
     api_version: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    concurrency: int = 16  # attempts in flight at most (the adaptive window's ceiling)
-    requests_per_minute: float | None = None
-    tokens_per_minute: float | None = None
-    timeout: float = 120.0  # seconds per attempt, the whole attempt (connect, wait, read)
-    adaptive: bool = True  # shrink the window on 429s (see the module docstring)
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 6  # per request, the first included
-    backoff: float = 0.5  # seconds before the first retry (at most; equal jitter)
-    max_backoff: float = 60.0
-    max_retry_after: float = 600.0  # a longer Retry-After is cut to this
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    max_cost: float | None = None  # dollars, this run
-    max_requests: int | None = None  # new requests sent, this run
-    prices: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # model: ($/1M in, $/1M out)
-
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-        price_in, price_out = self.prices.get(model, (0.0, 0.0))
-        return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
 
 
 @dataclasses.dataclass
@@ -207,154 +130,6 @@ class RunResult:
         if self.stopped_by:
             parts.append(f"stopped by {self.stopped_by}, {self.not_sent} not sent")
         return "; ".join(parts)
-
-
-# ------------------------------------------------------------------ flow control
-
-
-class TokenBucket:
-    """`per_minute` units a minute, holding one second of them; a take may overdraw (one large
-    request is not blocked forever), the next waits for the debt to be repaid."""
-
-    def __init__(self, per_minute: float, now: float):
-        self.rate = per_minute / 60
-        self.capacity = max(1.0, self.rate)
-        self.level = self.capacity
-        self.stamp = now
-
-    def _refill(self, now: float) -> None:
-        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def delay(self, now: float) -> float:
-        """Seconds until a take is allowed."""
-        self._refill(now)
-        return 0.0 if self.level > 0 else (1e-6 - self.level) / self.rate
-
-    def take(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level -= amount
-
-    def give_back(self, amount: float) -> None:
-        self.level = min(self.capacity, self.level + amount)
-
-
-class AdaptiveWindow:
-    """How many attempts may be in flight: halved when an epoch brings many 429s, +1 after an epoch without."""
-
-    def __init__(self, ceiling: int, adaptive: bool):
-        self.ceiling = ceiling
-        self.limit = self.smallest = ceiling
-        self.step = max(1, ceiling // 16)  # from half to full in 8 epochs
-        self.adaptive = adaptive
-        self.paused_until = 0.0
-        self.epoch_start = -math.inf
-        self.answers = 0
-        self.rate_limited = 0
-
-    def answered(self, started: float, rate_limited: bool, retry_after: float | None, now: float) -> None:
-        if not self.adaptive or started < self.epoch_start:
-            return  # an answer to an attempt sent before the last change says nothing about the new limit
-        self.answers += 1
-        self.rate_limited += rate_limited
-        if self.rate_limited >= max(2, self.limit / 4):
-            self.limit = max(1, self.limit // 2)
-            self.smallest = min(self.smallest, self.limit)
-            if retry_after:
-                self.paused_until = max(self.paused_until, now + retry_after)
-            self._new_epoch(now)
-        elif self.answers >= self.limit:
-            self.limit = min(self.ceiling, self.limit + self.step)
-            self._new_epoch(now)
-
-    def _new_epoch(self, now: float) -> None:
-        self.epoch_start = now
-        self.answers = self.rate_limited = 0
-
-
-# ------------------------------------------------------------------ one attempt's verdict
-
-
-@dataclasses.dataclass
-class Verdict:
-    kind: str  # "success", or a failure kind: "http_429", "timeout", "refusal", ...
-    action: str  # "done" (success or permanent failure), "retry", "stop"
-    reason: str | None = None
-    text: str | None = None
-    finish_reason: str | None = None
-    retry_after: float | None = None
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After-Ms, or Retry-After in seconds or as an HTTP date."""
-    try:
-        if "retry-after-ms" in headers:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000)
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError, OverflowError):
-        return None
-
-
-def status_message(err: openai.APIStatusError) -> str:
-    body = err.body
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        body = body["error"]
-    if isinstance(body, dict) and body.get("message"):
-        return str(body["message"])
-    return err.message
-
-
-def judge_error(err: BaseException, timeout: float) -> Verdict | None:
-    """The verdict on an attempt that raised, or None for an error this module does not know (a bug)."""
-    if isinstance(err, openai.APIStatusError):
-        status = err.status_code
-        reason = f"HTTP {status}: {one_line(status_message(err))}"
-        if status in RETRY_STATUSES or status >= 500:
-            return Verdict(f"http_{status}", "retry", reason, retry_after=retry_after_seconds(err.response.headers))
-        return Verdict(f"http_{status}", "stop" if status in STOP_STATUSES else "done", reason)
-    if isinstance(err, TimeoutError | openai.APITimeoutError):
-        return Verdict("timeout", "retry", f"no answer within {timeout:g} s")
-    if isinstance(err, openai.APIConnectionError):
-        cause = err.__cause__
-        detail = f" ({type(cause).__name__}: {one_line(str(cause), 120)})" if cause and str(cause) else ""
-        return Verdict("connection", "retry", f"connection error{detail}")
-    if isinstance(err, json.JSONDecodeError | openai.APIResponseValidationError):
-        return Verdict("invalid_response", "retry", f"invalid response body ({one_line(str(err), 120)})")
-    return None
-
-
-def judge_completion(completion: Any) -> Verdict:
-    """The verdict on an attempt answered with status 200."""
-    choices = getattr(completion, "choices", None)
-    if not isinstance(choices, list) or not choices:
-        return Verdict("invalid_response", "retry", "invalid response body (no choices)")
-    choice = choices[0]
-    message = getattr(choice, "message", None)
-    finish_reason = getattr(choice, "finish_reason", None)
-    refusal = getattr(message, "refusal", None)
-    if refusal:
-        return Verdict("refusal", "done", f"refusal: {one_line(refusal)}")
-    if finish_reason == "content_filter":
-        return Verdict("content_filter", "done", "the content filter stopped the reply")
-    text = getattr(message, "content", None)
-    if not isinstance(text, str):
-        if message is None or text is not None:
-            return Verdict("invalid_response", "retry", "invalid response body (no message content)")
-        text = ""
-    if not text.strip() and finish_reason != "length":
-        return Verdict("empty_reply", "retry", f"empty reply (finish_reason {finish_reason})")
-    return Verdict(SUCCESS, "done", text=text, finish_reason=finish_reason or "stop")
 
 
 # ------------------------------------------------------------------ the run
@@ -463,7 +238,7 @@ class Run:
             pending, retrying = self.waiting[0][2], True
         elif self.fresh and self.result.stopped_by is None:
             pending, retrying = self.fresh[0], False
-            stop = self.budget_stop(pending)
+            stop = self.budget.stop(self.result.sent, self.result.cost, self.committed, pending.worst_cost)
             if stop == "max_cost" and self.open:  # wait: what is in flight may cost less than feared
                 return None, (self.waiting[0][0] - now) if self.waiting else math.inf
             if stop:
@@ -491,14 +266,6 @@ class Run:
         pending.attempts += 1
         self.result.attempts += 1
         return pending, 0.0
-
-    def budget_stop(self, pending: Pending) -> str | None:
-        if self.budget.max_requests is not None and self.result.sent >= self.budget.max_requests:
-            return "max_requests"
-        if self.budget.max_cost is not None:
-            if self.result.cost + self.committed + pending.worst_cost > self.budget.max_cost:
-                return "max_cost"
-        return None
 
     # ---------------------------------------------------------------- one attempt
 
@@ -574,10 +341,7 @@ class Run:
                 self.finish(heapq.heappop(self.waiting)[2], permanent=False)
         elif verdict.action == "retry" and pending.attempts < self.retry.attempts and not self.halted:
             self.result.retried[verdict.kind] += 1
-            cap = min(self.retry.max_backoff, self.retry.backoff * 2 ** (pending.attempts - 1))
-            delay = random.uniform(cap / 2, cap)
-            if verdict.retry_after is not None:
-                delay = max(delay, min(verdict.retry_after, self.retry.max_retry_after))
+            delay = self.retry.wait(pending.attempts, verdict.retry_after)
             self.sequence += 1
             heapq.heappush(self.waiting, (now + delay, self.sequence, pending))
         elif verdict.action == "retry" and self.cancelled:
