@@ -189,6 +189,14 @@ def check_synthesize(p: SynthesizeParams, where: str) -> None:
         raise UserError(f"{where}.temperature: expected a number in [0, 2], got {p.temperature}")
     if not 0 < p.top_p <= 1:
         raise UserError(f"{where}.top_p: expected a number in (0, 1], got {p.top_p}")
+    if not p.timeout > 0:
+        raise UserError(f"{where}.timeout: expected a positive number of seconds, got {p.timeout}")
+    for key in ("requests_per_minute", "tokens_per_minute", "max_requests"):
+        _positive_or_null(getattr(p, key), f"{where}.{key}")
+    if p.max_cost is not None and not p.max_cost > 0:
+        raise UserError(f"{where}.max_cost: expected a positive amount or null (no limit), got {p.max_cost}")
+    if not 0 <= p.max_failed_fraction <= 1:
+        raise UserError(f"{where}.max_failed_fraction: expected a number in [0, 1], got {p.max_failed_fraction}")
     if p.api_version is not None and not p.base_url:
         raise UserError(
             f"{where}.base_url: null, but api_version is set (Azure OpenAI): "

@@ -24,8 +24,15 @@ class SynthesizeParams:
     temperature: float
     max_tokens: int
     top_p: float
-    concurrency: int
-    max_retries: int
+    concurrency: int  # requests in flight at most (the ceiling of the client's adaptive window)
+    max_retries: int  # retries per request after the first attempt
+    timeout: float  # seconds per attempt
+    requests_per_minute: float | None  # null: no limit
+    tokens_per_minute: float | None  # null: no limit
+    max_cost: float | None  # dollars per run (needs a price for the model); null: no limit
+    max_requests: int | None  # new requests per run; null: no limit
+    prices: dict[str, list[float]]  # model: [input $/1M tokens, output $/1M tokens]
+    max_failed_fraction: float  # the stage fails (exit 2, outputs still written) when more products fail
     max_products: int | None  # the first N products chosen; null: all of them
     products_per_locale: dict[str, int | None] | None  # {DE: 500, ...}: sampled with seed; null: every product
     seed: int

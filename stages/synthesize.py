@@ -13,27 +13,44 @@ the key comes from the environment variable named by `api_key_env`) and `offline
 (questions built from the product's own attributes, distractors drawn from other
 products: no network, deterministic).
 
-The run resumes: finished replies are appended to a journal under runs/<profile>/.checkpoints
-and skipped on restart; the output is written once, complete.
+The openai backend sends one request per product through shoptune.llm_client (adaptive
+concurrency, rate limits, retries, a budget: params timeout, requests_per_minute,
+tokens_per_minute, max_retries, max_cost, max_requests, prices). Every finished request is
+journaled in runs/<profile>/.checkpoints/synthesize/journal.jsonl, by a key hashing the whole
+request: a rerun (after a crash, a kill, a budget stop) sends only the requests without a final
+outcome, and a change of prompt, model or sampling sends new ones. Outputs: generations.jsonl
+(products with a reply, catalog order; a reply cut by max_tokens is kept, finish_reason "length"),
+failures.jsonl (the others, with why), stats.json. The stage fails (exit 2, one line, outputs
+written) when the run stopped early or more than max_failed_fraction of the products failed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
+import asyncio
+import collections
 import logging
 import os
 import random
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from shoptune import UserError, params
-from shoptune.artifacts import dumps, read_jsonl, write_json, write_jsonl
+from shoptune.artifacts import read_jsonl, write_json, write_jsonl
 from shoptune.catalog import Product, read_catalog
+from shoptune.journal import NOT_SENT, SUCCESS
+from shoptune.llm_client import (
+    Budget,
+    ClientConfig,
+    Limits,
+    Request,
+    RetryPolicy,
+    run_requests,
+    run_requests_async,
+)
+
+if TYPE_CHECKING:
+    from shoptune.llm_client import RunResult
 from shoptune.profile import SynthesizeParams
 from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
@@ -155,43 +172,64 @@ def azure_auth(p: SynthesizeParams) -> dict:
     return {"azure_ad_token_provider": token}
 
 
-def openai_writer(fewshot: str, p: SynthesizeParams) -> Callable[[Product], str]:
+def product_request(product: Product, system: str, p: SynthesizeParams) -> Request:
+    """The chat completion asked for one product; its key (a hash of all of it) names it in the journal."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": product.card()}]
+    sampling = {"temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens}
+    return Request(p.model, messages, sampling)
+
+
+def api_key(p: SynthesizeParams) -> str:
+    key = os.environ.get(p.api_key_env)
+    if not key:
+        raise UserError(f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env)")
+    return key
+
+
+def send_requests(requests: list[Request], journal: Path, p: SynthesizeParams) -> RunResult:
+    """Every request through shoptune.llm_client: retried, rate-limited, journaled, within the budget."""
+    if not 0 <= p.max_failed_fraction <= 1:
+        raise UserError(f"synthesize.max_failed_fraction: expected a number in [0, 1], got {p.max_failed_fraction}")
+    limits = Limits(
+        concurrency=p.concurrency,
+        requests_per_minute=p.requests_per_minute,
+        tokens_per_minute=p.tokens_per_minute,
+        timeout=p.timeout,
+    )
+    budget = budget_of(p)
+    retry = RetryPolicy(attempts=p.max_retries + 1)
+    settings = {"limits": limits, "retry": retry, "budget": budget, "description": "synthesize"}
+    if not p.api_version:
+        return run_requests(requests, ClientConfig(api_key(p), p.base_url), journal, **settings)
+
     import openai
 
-    if p.api_version:  # Azure OpenAI: base_url is the resource endpoint, model the deployment name
-        client = openai.AzureOpenAI(
-            azure_endpoint=p.base_url, api_version=p.api_version, max_retries=p.max_retries, **azure_auth(p)
+    async def on_azure() -> RunResult:  # the client is made in the event loop that uses it
+        client = openai.AsyncAzureOpenAI(
+            azure_endpoint=p.base_url, api_version=p.api_version, max_retries=0, **azure_auth(p)
         )
-    else:
-        key = os.environ.get(p.api_key_env)
-        if not key:
-            raise UserError(f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env)")
-        client = openai.OpenAI(base_url=p.base_url, api_key=key, max_retries=p.max_retries)
-    system = instructions(p) + "\n\n" + fewshot
-
-    def write(product: Product) -> str:
         try:
-            response = client.chat.completions.create(
-                model=p.model,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": product.card()}],
-                temperature=p.temperature,
-                max_tokens=p.max_tokens,
-                top_p=p.top_p,
-                frequency_penalty=0,
-                presence_penalty=0,
-            )
-        except (
-            openai.AuthenticationError,
-            openai.PermissionDeniedError,
-            openai.NotFoundError,
-            openai.BadRequestError,
-        ) as err:
-            raise UserError(f"the API refused the request ({type(err).__name__}: {err.message})") from None
-        except openai.APIConnectionError:
-            raise UserError(f"cannot reach the API at {client.base_url} (after {p.max_retries} retries)") from None
-        return response.choices[0].message.content or ""
+            return await run_requests_async(requests, client, journal, **settings)
+        finally:
+            await client.close()
 
-    return write
+    return asyncio.run(on_azure())
+
+
+def budget_of(p: SynthesizeParams) -> Budget:
+    prices = {}
+    for model, price in p.prices.items():
+        if len(price) != 2:
+            raise UserError(f"synthesize.prices.{model}: expected [input $/1M tokens, output $/1M tokens]")
+        prices[model] = (price[0], price[1])
+    return Budget(max_cost=p.max_cost, max_requests=p.max_requests, prices=prices)
+
+
+def move_old_journals(folder: Path) -> None:
+    """Journals of the format before shoptune.llm_client (replies-<fingerprint>.jsonl) are not read: set aside."""
+    for old in sorted(folder.glob("replies-*.jsonl")):
+        old.rename(old.with_name(old.name + ".old"))
+        log.info("%s: a journal of the previous format, not reused: moved to %s.old", old, old.name)
 
 
 # ------------------------------------------------------------------ the recipe
@@ -200,70 +238,106 @@ def openai_writer(fewshot: str, p: SynthesizeParams) -> Callable[[Product], str]
 def synthesize(profile: str) -> None:
     p = params.load(profile, "synthesize", SynthesizeParams)  # values checked too (params.check_synthesize)
     products = read_catalog(p.catalog, p.products_per_locale, p.seed)[: p.max_products]
+    folder = stage_dir(profile, "synthesize")
     if p.backend == "offline":
         write = offline_writer(products, p)
-    elif p.backend == "openai":
-        write = openai_writer(fewshot_text(read_jsonl(p.fewshot), p.fewshot), p)
-    else:
+        rows = [row(product, p, write(product)) for product in products]
+        write_jsonl(folder / "generations.jsonl", rows)
+        write_jsonl(folder / "failures.jsonl", [])  # none: the outputs are those of the openai backend
+        write_json(folder / "stats.json", base_stats(rows, p))
+        log.info("wrote %d replies to %s", len(rows), folder / "generations.jsonl")
+        return
+    if p.backend != "openai":
         raise UserError(f"params.yaml: profiles.{profile}.synthesize.backend: {p.backend!r} is not openai or offline")
 
-    # Journal of finished replies; it is only reused for the same settings.
-    settings = {k: v for k, v in dataclasses.asdict(p).items() if k not in ("concurrency", "max_retries")}
-    fingerprint = hashlib.sha256(dumps(settings).encode()).hexdigest()[:16]
-    journal = checkpoints_dir(profile, "synthesize") / f"replies-{fingerprint}.jsonl"
-    done = {(r["locale"], r["product_id"]): r for r in _read_journal(journal)}
-    todo = [x for x in products if (x.locale, x.id) not in done]
-    if done:
-        log.info("resuming: %d of %d products already have a reply", len(products) - len(todo), len(products))
+    system = instructions(p) + "\n\n" + fewshot_text(read_jsonl(p.fewshot), p.fewshot)
+    requests = [product_request(product, system, p) for product in products]
+    checkpoints = checkpoints_dir(profile, "synthesize")
+    move_old_journals(checkpoints)
+    result = send_requests(requests, checkpoints / "journal.jsonl", p)
+    log.info("synthesize: %s", result.summary())
 
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    pool = ThreadPoolExecutor(max(1, p.concurrency))
-    try:
-        with journal.open("a", encoding="utf-8") as out:
-            futures = {pool.submit(write, product): product for product in todo}
-            for future in tqdm(as_completed(futures), total=len(futures), desc="synthesize", unit="product"):
-                product = futures[future]
-                row = {
-                    "product_id": product.id,
-                    "locale": product.locale,
-                    "title": product.title,
-                    "backend": p.backend,
-                    "model": p.model,
-                    "reply": future.result(),
-                }
-                out.write(dumps(row) + "\n")
-                out.flush()
-                done[(product.locale, product.id)] = row
-    finally:  # on an error or Ctrl-C, drop the requests not yet sent; the journal keeps the rest
-        pool.shutdown(wait=True, cancel_futures=True)
-
-    folder = stage_dir(profile, "synthesize")
-    rows = [done[(x.locale, x.id)] for x in products]
+    rows, failures = [], []
+    for product, request in zip(products, requests, strict=True):
+        outcome = result.outcomes[request.key]
+        if outcome.status == SUCCESS:
+            rows.append({**row(product, p, outcome.text or ""), "finish_reason": outcome.finish_reason})
+            continue
+        if outcome.status == NOT_SENT:
+            kind, reason = "not_sent", f"not sent: the run stopped ({result.stopped_by})"
+        else:
+            kind, reason = outcome.failure, outcome.reason
+        failures.append(
+            {
+                "product_id": product.id,
+                "locale": product.locale,
+                "failure": kind,
+                "reason": reason,
+                "attempts": outcome.attempts,
+                "finish_reason": outcome.finish_reason,
+            }
+        )
+    outcomes = [result.outcomes[r.key] for r in requests]
+    usage = [o.usage or {} for o in outcomes]
+    prompt_tokens = sum(u.get("prompt_tokens", 0) for u in usage)
+    completion_tokens = sum(u.get("completion_tokens", 0) for u in usage)
+    budget = budget_of(p)
+    cost = sum(budget.cost(p.model, u.get("prompt_tokens", 0), u.get("completion_tokens", 0)) for u in usage)
+    stats = {
+        **base_stats(rows, p),
+        "failed_products": len(failures),
+        "failures": dict(sorted(collections.Counter(f["failure"] for f in failures).items())),
+        "finish_reasons": dict(sorted(collections.Counter(r["finish_reason"] for r in rows).items())),
+        "cut_by_max_tokens": sum(1 for r in rows if r["finish_reason"] == "length"),
+        "prompt_tokens": prompt_tokens,  # of every product's request, this run's and the journal's
+        "completion_tokens": completion_tokens,
+        "cost": round(cost, 6),
+        "requests_sent": result.sent,  # this run
+        "requests_reused": result.reused,  # answered by the journal, not sent
+        "retries": result.retries,
+        "retries_by_reason": dict(sorted(result.retried.items())),
+        "stopped_by": result.stopped_by,
+    }
     write_jsonl(folder / "generations.jsonl", rows)
-    write_json(
-        folder / "stats.json",
-        {
-            "products": len(rows),
-            "backend": p.backend,
-            "model": p.model,
-            "empty_replies": sum(1 for r in rows if not r["reply"].strip()),
-        },
-    )
-    journal.unlink()
-    log.info("wrote %d replies to %s", len(rows), folder / "generations.jsonl")
+    write_jsonl(folder / "failures.jsonl", failures)
+    write_json(folder / "stats.json", stats)
+    log.info("wrote %d replies to %s, %d failures", len(rows), folder / "generations.jsonl", len(failures))
+
+    by_kind = ", ".join(f"{kind} {n}" for kind, n in collections.Counter(f["failure"] for f in failures).most_common())
+    if result.stopped_by is not None:
+        raise UserError(
+            f"the run stopped ({result.stopped_by}): {len(rows)} of {len(products)} products have a reply, "
+            f"{len(failures)} not ({by_kind}); outputs written, see {folder / 'failures.jsonl'}; "
+            "run again to send the rest"
+        )
+    if failures and rows == [] and all(f["failure"] == "connection" for f in failures):
+        raise UserError(f"cannot reach the API at {p.base_url} (every request failed to connect)")
+    if len(failures) > p.max_failed_fraction * len(products):
+        raise UserError(
+            f"{len(failures)} of {len(products)} products failed ({by_kind}), more than max_failed_fraction "
+            f"{p.max_failed_fraction}; outputs written, see {folder / 'failures.jsonl'}; "
+            "run again to retry those not refused for good"
+        )
 
 
-def _read_journal(path: Path) -> list[dict]:
-    """Finished replies; a last line cut short by a crash is dropped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+def row(product: Product, p: SynthesizeParams, reply: str) -> dict:
+    return {
+        "product_id": product.id,
+        "locale": product.locale,
+        "title": product.title,
+        "backend": p.backend,
+        "model": p.model,
+        "reply": reply,
+    }
+
+
+def base_stats(rows: list[dict], p: SynthesizeParams) -> dict:
+    return {
+        "products": len(rows),
+        "backend": p.backend,
+        "model": p.model,
+        "empty_replies": sum(1 for r in rows if not r["reply"].strip()),
+    }
 
 
 if __name__ == "__main__":

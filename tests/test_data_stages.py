@@ -148,7 +148,8 @@ class ChatServer(BaseHTTPRequestHandler):
     """An OpenAI-compatible /v1/chat/completions endpoint answering from the offline writer."""
 
     requests: list[dict] = []
-    fail_after: int | None = None
+    fail_after: int | None = None  # requests after this many are answered with fail_status
+    fail_status = 500
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -156,7 +157,7 @@ class ChatServer(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != "Bearer sk-test-123":
             return self.reply(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
         if ChatServer.fail_after is not None and len(ChatServer.requests) > ChatServer.fail_after:
-            return self.reply(400, {"error": {"message": "quota", "type": "invalid_request_error"}})
+            return self.reply(ChatServer.fail_status, {"error": {"message": "unwell", "type": "server_error"}})
         card = body["messages"][-1]["content"]
         title = card.splitlines()[0].removeprefix("Title: ")
         text = synthesize.format_item(title, "What is it?", ["A", "B", "C"], 2)
@@ -186,7 +187,7 @@ class ChatServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def chat_server():
-    ChatServer.requests, ChatServer.fail_after = [], None
+    ChatServer.requests, ChatServer.fail_after, ChatServer.fail_status = [], None, 500
     server = ThreadingHTTPServer(("127.0.0.1", 0), ChatServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -230,14 +231,19 @@ def test_openai_backend_resumes_after_a_failure(project, chat_server, monkeypatc
         concurrency=1,
         max_retries=0,
     )
-    ChatServer.fail_after = 4
-    with pytest.raises(UserError, match="the API refused the request"):
+    ChatServer.fail_after = 4  # then 500s: failures that the next run sends again
+    with pytest.raises(UserError, match=r"2 of 6 products failed \(http_500 2\), more than max_failed_fraction"):
         synthesize.synthesize("t")
-    assert not Path("runs/t/synthesize/generations.jsonl").exists()  # nothing half-written
+    assert len(read_jsonl("runs/t/synthesize/generations.jsonl")) == 4  # what succeeded is written
+    assert [f["failure"] for f in read_jsonl("runs/t/synthesize/failures.jsonl")] == ["http_500", "http_500"]
     ChatServer.requests, ChatServer.fail_after = [], None
     synthesize.synthesize("t")
     assert len(ChatServer.requests) == 2  # only the products without a reply
     assert len(read_jsonl("runs/t/synthesize/generations.jsonl")) == 6
+    assert read_jsonl("runs/t/synthesize/failures.jsonl") == []
+    ChatServer.requests = []
+    synthesize.synthesize("t")
+    assert ChatServer.requests == []  # every reply is in the journal
 
 
 def test_openai_backend_errors(project, chat_server, monkeypatch):
@@ -246,9 +252,22 @@ def test_openai_backend_errors(project, chat_server, monkeypatch):
     with pytest.raises(UserError, match="environment variable SHOP_KEY is not set"):
         synthesize.synthesize("t")
     monkeypatch.setenv("SHOP_KEY", "sk-wrong")
-    with pytest.raises(UserError, match="AuthenticationError"):
+    with pytest.raises(UserError, match=r"the run stopped \(HTTP 401"):
         synthesize.synthesize("t")
     project("synthesize", base_url="http://127.0.0.1:9/v1")
     monkeypatch.setenv("SHOP_KEY", "sk-test-123")
     with pytest.raises(UserError, match="cannot reach the API"):
         synthesize.synthesize("t")
+
+
+def test_a_journal_of_the_old_format_is_set_aside(project, chat_server, monkeypatch, caplog):
+    monkeypatch.setenv("SHOP_KEY", "sk-test-123")
+    project("synthesize", backend="openai", model="m", base_url=chat_server, api_key_env="SHOP_KEY", max_products=2)
+    old = Path("runs/t/.checkpoints/synthesize/replies-0123456789abcdef.jsonl")
+    old.parent.mkdir(parents=True)
+    old.write_text('{"product_id": "B0DEMO0001", "locale": "UK", "reply": "old"}\n')
+    with caplog.at_level("INFO", logger="synthesize"):
+        synthesize.synthesize("t")
+    assert not old.exists() and old.with_name(old.name + ".old").exists()
+    assert "previous format" in caplog.text
+    assert len(ChatServer.requests) == 2 and len(read_jsonl("runs/t/synthesize/generations.jsonl")) == 2

@@ -118,6 +118,10 @@ def test_a_profile_with_a_typo_anywhere_names_the_key(tmp_path, old, new, messag
         ("max_retries: 3", "max_retries: -1", r"synthesize.max_retries: expected an integer of at least 0, got -1"),
         ("temperature: 0.3", "temperature: 2.5", r"synthesize.temperature: expected a number in \[0, 2\], got 2.5"),
         ("top_p: 0.95", "top_p: 0", r"synthesize.top_p: expected a number in \(0, 1\], got 0"),
+        ("timeout: 60 ", "timeout: 0 ", r"synthesize.timeout: expected a positive number of seconds, got 0"),
+        ("max_cost: null", "max_cost: -5", r"synthesize.max_cost: expected a positive amount or null"),
+        ("max_requests: null", "max_requests: 0", r"synthesize.max_requests: expected a positive integer or null"),
+        ("max_failed_fraction: 0.0", "max_failed_fraction: 2", r"synthesize.max_failed_fraction: .* \[0, 1\], got 2"),
         ("min_options: 2", "min_options: 1", r"clean.min_options: expected an integer of at least 2, got 1"),
         ("min_options: 2", "min_options: 12", r"clean.max_options: 10 is less than min_options 12 \(every item"),
         (
