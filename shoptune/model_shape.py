@@ -94,7 +94,8 @@ def tiny_model_config(tiny: dict) -> dict:
 
 
 def padded_size(size: int, group_size: int, tensor_parallel_size: int) -> int:
-    """stages/pad.py's rule (not imported: that module is the stage's): up to a multiple of group x TP."""
+    """The MLP width the pad stage writes: `size` up to a multiple of group x TP, so every
+    tensor-parallel shard of down_proj's input is whole AWQ groups."""
     step = group_size * tensor_parallel_size
     return -(-size // step) * step
 

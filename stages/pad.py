@@ -70,6 +70,7 @@ from shoptune.checkpoint import (
     write_all,
     write_zeros,
 )
+from shoptune.model_shape import padded_size
 from shoptune.profile import PadParams
 from shoptune.workspace import entrypoint, report_errors, stage_dir
 
@@ -89,11 +90,6 @@ CHECK_PROMPTS = [
     "Produkt: Edelstahl Thermoskanne 1 Liter. Welche Farbe hat sie?",
     "商品「竹製 お箸 5膳セット」の素材はどれですか？",
 ]
-
-
-def padded_size(intermediate_size: int, group_size: int, tensor_parallel_size: int) -> int:
-    step = group_size * tensor_parallel_size
-    return -(-intermediate_size // step) * step
 
 
 def zero_layout(size: int, padded: int, group_size: int) -> list[int]:
