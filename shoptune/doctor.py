@@ -20,11 +20,11 @@ from pathlib import Path
 
 from shoptune import UserError, params, plan
 from shoptune.profile import Profile
-from shoptune.runner import gpus_for
+from shoptune.runner import IMAGES, gpus_for
 
 GIB = plan.GIB
-# The pipeline's stages, in dvc.yaml's order.
-STAGES = ("synthesize", "clean", "dataset", "finetune", "pad", "quantize", "infer", "evaluate")
+# The profile stages, in dvc.yaml's order (tiny_model is the demo's, of no profile).
+STAGES = tuple(stage for stage in IMAGES if stage != "tiny_model")
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader"]
 NVIDIA_TOOLKIT_FIX = (
     "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
