@@ -86,6 +86,15 @@ class Checkpoint:
         with safe_open(str(self.files[name]), framework="pt") as shard:
             return shard.get_slice(name)[start:stop]
 
+    def rows_at(self, name: str, indices: list[int]):
+        """Rows `indices` of a tensor (a prompt's token embeddings), the file opened once."""
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as shard:
+            rows = shard.get_slice(name)
+            return torch.cat([rows[i : i + 1] for i in indices])
+
     def get(self, name: str):
         from safetensors import safe_open
 
@@ -143,8 +152,7 @@ def compare_with_reference(reference: Path, quantized: Path, prompts: list[str],
     token_ids = [tokenizer(prompt).input_ids for prompt in prompts]
 
     def embedded(checkpoint: Checkpoint, ids: list[int]):
-        rows = [checkpoint.rows("model.embed_tokens.weight", i, i + 1) for i in ids]
-        return torch.cat(rows).float().to(device)[None]
+        return checkpoint.rows_at("model.embed_tokens.weight", ids).float().to(device)[None]
 
     ours = [embedded(original, ids) for ids in token_ids]  # the 16-bit model's hidden states, per prompt
     theirs = [embedded(packed, ids) for ids in token_ids]  # the dequantized model's
