@@ -149,8 +149,7 @@ def generate_transformers(
             return scores
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # cut from the left, as generate_vllm does: a long prompt keeps its options and instruction
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", truncation_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, p.dtype)).to(device).eval()
     answers: list[str | None] = [None] * len(prompts)
     cut = 0
@@ -160,15 +159,13 @@ def generate_transformers(
         batches = [indices[i : i + p.batch_size] for i in range(0, len(indices), p.batch_size)]
         for batch in tqdm(batches, desc="infer " + ("multiple choice" if is_choice else "other"), unit="batch"):
             torch.manual_seed(p.seed)
-            limit = p.max_model_len - s.max_new_tokens
-            cut += sum(len(tokenizer(prompts[i]).input_ids) > limit for i in batch)
-            inputs = tokenizer(
-                [prompts[i] for i in batch],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=limit,
-            ).to(device)
+            # each prompt tokenized once, cut from the left as generate_vllm does, then padded
+            encoded = [tokenizer(prompts[i]).input_ids for i in batch]
+            fitted = [
+                fit_to_context(ids, p.max_model_len - s.max_new_tokens, tokenizer.bos_token_id) for ids in encoded
+            ]
+            cut += sum(len(f) < len(e) for f, e in zip(fitted, encoded, strict=True))
+            inputs = tokenizer.pad({"input_ids": fitted}, return_tensors="pt").to(device)
             sample = s.temperature > 0
             masks = [digit_token_ids(tokenizer, allowed[i]) if allowed[i] else None for i in batch]
             with torch.no_grad():
