@@ -3,11 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEMO_RUNNER ?= local
-RUNNER ?= docker
 STAGES := synthesize dataset finetune pad quantize infer evaluate
 PROFILE ?= demo
-STAGE_RUNNER = $(if $(filter demo,$(PROFILE)),$(DEMO_RUNNER),$(RUNNER))
+# Where stages run: RUNNER=local|docker (DEMO_RUNNER, its old name, works too), else
+# $SHOPTUNE_RUNNER. make chooses no default of its own: with neither set, shoptune's default
+# applies (local, shoptune/cli.py), so `make STAGE PROFILE=P` runs where `dvc repro STAGE@P` does.
+RUNNER ?= $(or $(DEMO_RUNNER),$(SHOPTUNE_RUNNER))
+# hands the choice, if any, to shoptune and to the dvc it runs
+WITH_RUNNER = $(if $(RUNNER),SHOPTUNE_RUNNER=$(RUNNER))
 # the docker runner needs the base image first (built locally, no registry)
 BASE_FOR = $(if $(filter docker,$(1)),base-image)
 
@@ -39,36 +42,38 @@ base-image:  ## build the local base image shoptune/base:bookworm (debootstrap, 
 images: setup base-image  ## build every stage's Docker image from the locked wheels (offline build)
 	$(BIN)/shoptune --runner docker build
 
-demo: setup $(call BASE_FOR,$(DEMO_RUNNER))  ## run the whole pipeline on the demo profile (CPU, offline; DEMO_RUNNER=local|docker)
-	$(BIN)/shoptune --runner $(DEMO_RUNNER) build
-	SHOPTUNE_RUNNER=$(DEMO_RUNNER) $(BIN)/dvc repro evaluate@demo
+demo: setup $(call BASE_FOR,$(RUNNER))  ## run the whole pipeline on the demo profile (CPU, offline; RUNNER=local|docker)
+	$(WITH_RUNNER) $(BIN)/shoptune build
+	$(WITH_RUNNER) $(BIN)/dvc repro evaluate@demo
 	@cat runs/demo/evaluate/report.md
 
-demo-rerun: setup $(call BASE_FOR,$(DEMO_RUNNER))  ## run every demo stage again even if up to date (e.g. DEMO_RUNNER=docker after a local run)
-	$(BIN)/shoptune --runner $(DEMO_RUNNER) build
-	SHOPTUNE_RUNNER=$(DEMO_RUNNER) $(BIN)/dvc repro --force evaluate@demo
+demo-rerun: setup $(call BASE_FOR,$(RUNNER))  ## run every demo stage again even if up to date (e.g. RUNNER=docker after a local run)
+	$(WITH_RUNNER) $(BIN)/shoptune build
+	$(WITH_RUNNER) $(BIN)/dvc repro --force evaluate@demo
 	@cat runs/demo/evaluate/report.md
 
-reproduce: setup $(call BASE_FOR,$(RUNNER))  ## run the paper's recipe (GPU host, Docker; needs the data and base model, see README)
-	$(BIN)/shoptune --runner $(RUNNER) build --accelerator cuda
-	SHOPTUNE_RUNNER=$(RUNNER) $(BIN)/dvc repro evaluate@paper
+reproduce: setup $(call BASE_FOR,$(RUNNER))  ## run the paper's recipe (GPU host; RUNNER=docker for containers; needs the data and base model, see README)
+	$(WITH_RUNNER) $(BIN)/shoptune build --accelerator cuda
+	$(WITH_RUNNER) $(BIN)/dvc repro evaluate@paper
 
 plan: setup  ## does PROFILE fit its hardware? GPU memory, KV cache, RAM, disk (CONFIG=config.json TP=N)
 	@$(BIN)/shoptune plan --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG)) $(if $(TP),--tensor-parallel-size $(TP))
 
 doctor: setup  ## is this machine ready for PROFILE? Docker, NVIDIA runtime, GPUs, disk, RAM, API key
-	@$(BIN)/shoptune --runner $(STAGE_RUNNER) doctor --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG))
+	@$(WITH_RUNNER) $(BIN)/shoptune doctor --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG))
 
-gpu-check: setup $(call BASE_FOR,$(RUNNER))  ## on a GPU host: QLoRA, pad, AWQ, vLLM (awq, float16) on a tiny Qwen2 (GPU_CHECK_TP=N)
-	$(BIN)/python -m tests.gpu_check --runner $(RUNNER) --tensor-parallel-size $(or $(GPU_CHECK_TP),1)
+# gpu-check is a test of the GPU paths, not a stage run: Docker unless RUNNER says otherwise
+GPU_CHECK_RUNNER = $(or $(RUNNER),docker)
+gpu-check: setup $(call BASE_FOR,$(GPU_CHECK_RUNNER))  ## on a GPU host: QLoRA, pad, AWQ, vLLM (awq, float16) on a tiny Qwen2 (GPU_CHECK_TP=N)
+	$(BIN)/python -m tests.gpu_check --runner $(GPU_CHECK_RUNNER) --tensor-parallel-size $(or $(GPU_CHECK_TP),1)
 
-$(STAGES): setup $(call BASE_FOR,$(STAGE_RUNNER))
-	$(BIN)/shoptune --runner $(STAGE_RUNNER) build
-	SHOPTUNE_RUNNER=$(STAGE_RUNNER) $(BIN)/dvc repro $@@$(PROFILE)
+$(STAGES): setup $(call BASE_FOR,$(RUNNER))
+	$(WITH_RUNNER) $(BIN)/shoptune build
+	$(WITH_RUNNER) $(BIN)/dvc repro $@@$(PROFILE)
 
-clean-stage: setup $(call BASE_FOR,$(STAGE_RUNNER))
-	$(BIN)/shoptune --runner $(STAGE_RUNNER) build
-	SHOPTUNE_RUNNER=$(STAGE_RUNNER) $(BIN)/dvc repro clean@$(PROFILE)
+clean-stage: setup $(call BASE_FOR,$(RUNNER))
+	$(WITH_RUNNER) $(BIN)/shoptune build
+	$(WITH_RUNNER) $(BIN)/dvc repro clean@$(PROFILE)
 
 test: setup  ## run every test (unit, DVC end to end, Docker); sets up what it needs
 	$(BIN)/pytest -v

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--runner",
         choices=RUNNERS,
-        default=os.environ.get("SHOPTUNE_RUNNER", "local"),
+        default=os.environ.get("SHOPTUNE_RUNNER") or "local",
         help="where stages run (default: $SHOPTUNE_RUNNER or local)",
     )
     commands = parser.add_subparsers(dest="command", required=True)

@@ -1,5 +1,9 @@
 """The runner's pieces that need no engine (the builds and containers themselves: test_docker.py)."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -137,3 +141,74 @@ def test_keys_reach_only_the_stage_that_calls_an_api(monkeypatch):
     for stage in ("finetune", "infer", "evaluate", None):
         passed = runner.passed_environment(stage, azure)
         assert "NCCL_P2P_DISABLE" in passed and not {"MY_AZURE_KEY", "OPENAI_API_KEY", "HF_TOKEN"} & set(passed)
+
+
+# A stand-in for .venv/bin/shoptune and .venv/bin/dvc: records its arguments and SHOPTUNE_RUNNER.
+RECORDER = """#!{python}
+import json, os, sys
+with open({log!r}, "a") as out:
+    out.write(json.dumps([os.path.basename(sys.argv[0]), sys.argv[1:], os.environ.get("SHOPTUNE_RUNNER")]) + "\\n")
+"""
+
+
+def runner_picked(monkeypatch, argv: list[str], variable: str | None) -> str:
+    """The runner `shoptune ARGV` uses when SHOPTUNE_RUNNER is `variable` (None: unset)."""
+    picked = []
+    monkeypatch.setattr(runner, "run", lambda stage, args, name, *rest: picked.append(name) or 0)
+    monkeypatch.setattr(runner, "build", lambda name, image, kind="cpu": picked.append(name) or "built")
+    monkeypatch.setattr(cli.doctor_checks, "diagnose", lambda profile, name, *rest: picked.append(name) or [])
+    monkeypatch.setattr(cli.doctor_checks, "render", lambda *args: "")
+    monkeypatch.setattr(cli.params, "load_profile", lambda *args, **kwargs: None)
+    if variable is None:
+        monkeypatch.delenv("SHOPTUNE_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("SHOPTUNE_RUNNER", variable)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    return picked[0]
+
+
+@pytest.mark.parametrize("profile", ["demo", "paper"])
+@pytest.mark.parametrize(
+    ("variable", "make_args", "wanted"),
+    [
+        (None, [], None),  # None: where `dvc repro STAGE@PROFILE` runs it, with the same SHOPTUNE_RUNNER
+        ("docker", [], None),
+        ("local", [], None),
+        (None, ["RUNNER=docker"], "docker"),
+        ("docker", ["RUNNER=local"], "local"),
+        (None, ["DEMO_RUNNER=docker"], "docker"),  # the old name
+    ],
+    ids=["unset", "variable-docker", "variable-local", "RUNNER=docker", "RUNNER-over-variable", "DEMO_RUNNER"],
+)
+def test_make_runs_a_stage_where_dvc_repro_runs_it(monkeypatch, tmp_path, profile, variable, make_args, wanted):
+    """`make STAGE PROFILE=P` and `dvc repro STAGE@P` (dvc.yaml: `shoptune run STAGE --profile P`) pick
+    the same runner: make passes RUNNER on and has no default of its own (it had: docker for every
+    profile but demo)."""
+    from tests.conftest import ROOT
+
+    log = tmp_path / "calls.jsonl"
+    for name in ("shoptune", "dvc"):
+        (tmp_path / name).write_text(RECORDER.format(python=sys.executable, log=str(log)))
+        (tmp_path / name).chmod(0o755)
+    environment = {k: v for k, v in os.environ.items() if k not in ("RUNNER", "DEMO_RUNNER", "SHOPTUNE_RUNNER")}
+    environment.update({"SHOPTUNE_RUNNER": variable} if variable else {})
+    # the stand-ins are up to date and base-image is not built
+    make = ["make", "-s", f"BIN={tmp_path}", "-o", f"{tmp_path}/shoptune", "-o", "base-image"]
+    alone = wanted or runner_picked(monkeypatch, ["run", "synthesize", "--profile", profile], variable)
+    for target in ("synthesize", "doctor"):
+        log.unlink(missing_ok=True)
+        subprocess.run(
+            [*make, target, f"PROFILE={profile}", *make_args],
+            cwd=ROOT,
+            env=environment,
+            check=True,
+            capture_output=True,
+        )
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        assert calls and all(program in ("shoptune", "dvc") for program, _, _ in calls)
+        for program, argv, passed in calls:
+            if program == "dvc":
+                assert argv == ["repro", f"{target}@{profile}"]
+                argv = ["run", target, "--profile", profile]  # what dvc.yaml runs
+            assert runner_picked(monkeypatch, argv, passed) == alone, (target, program, argv, passed)
