@@ -6,13 +6,9 @@ from pathlib import Path
 
 from shoptune import UserError
 from shoptune.artifacts import read_jsonl
+from shoptune.families.family import answer_text
 
 FIELDS = ("split", "task", "setting", "instruction", "input", "options", "output", "few_shot_example")
-
-MULTIPLE_CHOICE_INSTRUCTION = (
-    "Answer the multiple-choice question about an online shopping product. "
-    "Reply with the number of the correct option only."
-)
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -55,16 +51,16 @@ def alpaca_prompt(row: dict, eos_token: str) -> str:
     )
 
 
-def from_item(item: dict, task: str, setting: str) -> dict:
-    """An accepted synthetic multiple-choice item as an ECInstruct row."""
+def from_item(item: dict, setting: str) -> dict:
+    """An accepted synthetic item (clean's accepted.jsonl) as an ECInstruct row of its family's task."""
     return {
         "split": "",
-        "task": task,
+        "task": item["family"],
         "setting": setting,
-        "instruction": MULTIPLE_CHOICE_INSTRUCTION,
+        "instruction": item["instruction"],
         "input": item["question"],
-        "options": [f"{i}. {option}" for i, option in enumerate(item["options"])],
-        "output": str(item["answer"]),
+        "options": [f"{i}. {option}" for i, option in enumerate(item["options"])] if item["options"] else "",
+        "output": answer_text(item["output_field"]),
         "few_shot_example": "",
     }
 

@@ -180,7 +180,7 @@ def check_synthesize(p: SynthesizeParams, where: str) -> None:
             if locale not in LOCALES:
                 raise UserError(f"{where}.products_per_locale.{locale}: not a locale (have: {', '.join(LOCALES)})")
             _positive_or_null(count, f"{where}.products_per_locale.{locale}")
-    _at_least(p.questions_per_product, 1, f"{where}.questions_per_product")
+    check_families(p, where)
     _at_least(p.options_per_question, 2, f"{where}.options_per_question")
     _at_least(p.max_tokens, 1, f"{where}.max_tokens")
     _at_least(p.concurrency, 1, f"{where}.concurrency")
@@ -204,7 +204,32 @@ def check_synthesize(p: SynthesizeParams, where: str) -> None:
         )
 
 
+def check_families(p: SynthesizeParams, where: str) -> None:
+    from shoptune.families import FAMILIES
+
+    if not p.families:
+        raise UserError(f"{where}.families: no family named (have: {', '.join(FAMILIES)})")
+    for name, family in p.families.items():
+        if name not in FAMILIES:
+            raise UserError(f"{where}.families.{name}: no such task family (have: {', '.join(FAMILIES)})")
+        _at_least(family.items, 1, f"{where}.families.{name}.items")
+        for locale in family.locales or []:
+            if locale not in LOCALES:
+                raise UserError(f"{where}.families.{name}.locales: {locale!r} is not a locale ({', '.join(LOCALES)})")
+        if family.locales == []:
+            raise UserError(f"{where}.families.{name}.locales: empty (null: every locale)")
+        if p.backend == "offline" and FAMILIES[name].needs_llm:
+            offline = ", ".join(n for n, f in FAMILIES.items() if not f.needs_llm)
+            raise UserError(
+                f"{where}.families.{name}: needs an LLM (backend: openai); the offline backend writes {offline}"
+            )
+
+
 def check_clean(p: CleanParams, where: str) -> None:
+    _at_least(p.ngram, 1, f"{where}.ngram")
+    for key in ("max_fewshot_overlap", "max_eval_overlap"):
+        if not 0 <= getattr(p, key) <= 1:
+            raise UserError(f"{where}.{key}: expected a share in [0, 1], got {getattr(p, key)}")
     _at_least(p.min_options, 2, f"{where}.min_options")
     if p.max_options < p.min_options:
         raise UserError(

@@ -11,16 +11,24 @@ import dataclasses
 
 
 @dataclasses.dataclass
+class FamilyParams:
+    """synthesize.families.<name>: one task family's share of the data (shoptune/families)."""
+
+    items: int  # items asked per product (per request; families with their own candidates: requests per product)
+    locales: list[str] | None = None  # the sampled products of these locales only; null: every locale sampled
+
+
+@dataclasses.dataclass
 class SynthesizeParams:
     catalog: str
-    fewshot: str
+    fewshot: str  # ShopBench rows; those whose task_name is a family's replace its own few-shot examples
+    families: dict[str, FamilyParams]  # which task families, how many items each, which locales
     backend: str
     model: str
     base_url: str | None
     api_key_env: str
     api_version: str | None
-    questions_per_product: int
-    options_per_question: int
+    options_per_question: int  # multiple-choice and retrieval families
     temperature: float
     max_tokens: int
     top_p: float
@@ -42,11 +50,13 @@ class SynthesizeParams:
 class CleanParams:
     min_options: int
     max_options: int
+    ngram: int  # words per n-gram when comparing items with few-shot examples and evaluation questions
+    max_fewshot_overlap: float  # an item sharing more of its n-grams with the few-shot examples is a copy
+    max_eval_overlap: float  # ... with the profile's evaluation questions: contamination, rejected
 
 
 @dataclasses.dataclass
 class DatasetParams:
-    task: str
     setting: str
     extra: str | None
     val_fraction: float

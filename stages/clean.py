@@ -1,94 +1,100 @@
-"""clean: raw generations -> accepted multiple-choice items, and every reject with its reason.
+"""clean: raw replies -> accepted items in ShopBench form, and every reject with its reason.
 
-Rules (the recipe's, made strict): a reply is split into items (at blank lines and at
-each line opening with "The product"); an item must
-  1. start with "The product",
-  2. split into exactly two parts on "Answer: ",
-  3. have options numbered 0, 1, 2, ... (between min_options and max_options, distinct),
-  4. have an answer that is a number, and
-  5. in range of the options;
-and it must not repeat an item already accepted.
+Each reply is split into items at blank lines; an item is accepted when it passes
+  1. its family's format (shoptune/families/family.py: exactly one "Answer:", options numbered
+     0, 1, 2 ... between min_options and max_options and distinct, an answer of the family's type:
+     an option number, option numbers, a list of strings, one line of text),
+  2. its family's own checks (it names the product it was written for, keeps the options it was
+     given, keyphrases and entities occur in its text, the locale's language ...),
+  3. the quality filters: it is not a copy of a few-shot example (share of its word n-grams found in
+     them above max_fewshot_overlap), it does not overlap a question the profile is evaluated on
+     (evaluate.questions: above max_eval_overlap: decontamination), and its question
+     is not one already accepted in its family.
+The recipe's rules for its attribute task (items start with "The product", split into two on
+"Answer: ", numbered options, a number as the answer) are rule 1 and the attribute family's checks.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import Counter
 
-from shoptune import params
+from shoptune import UserError, params
 from shoptune.artifacts import read_jsonl, write_json, write_jsonl
-from shoptune.profile import CleanParams
+from shoptune.catalog import Product
+from shoptune.families import FAMILIES
+from shoptune.families.family import Job, Rejected, normalized, parse_item, split_items
+from shoptune.profile import CleanParams, SynthesizeParams
+from shoptune.quality import Overlap, evaluation_questions
 from shoptune.workspace import entrypoint, stage_dir
 
 log = logging.getLogger("clean")
 
-OPTION = re.compile(r"^\s*(\d+)[.)]\s+(\S.*?)\s*$")
-ITEM_START = re.compile(r"\n\s*\n|\n(?=The product)")
+
+def job_of(reply: dict, number: int) -> Job:
+    """The job a reply answered, rebuilt from the reply's row."""
+    if reply.get("family") not in FAMILIES:
+        raise UserError(f"generations.jsonl: row {number}: unknown family {reply.get('family')!r}")
+    product = Product(reply["product_id"], reply["locale"], reply["title"], "", reply.get("attributes", {}), "")
+    return Job(reply["family"], product, reply.get("context", {}))
 
 
-class Rejected(Exception):
-    def __init__(self, code: str, detail: str):
-        super().__init__(detail)
-        self.code = code
-
-
-def split_items(reply: str) -> list[str]:
-    return [item.strip() for item in ITEM_START.split(reply.strip()) if item.strip()]
-
-
-def parse_item(text: str, p: CleanParams) -> dict:
-    """The item's question, options and answer, or Rejected with the first rule it breaks."""
-    if not text.startswith("The product"):
-        raise Rejected("no_product_opening", "does not start with 'The product'")
-    parts = text.split("Answer: ")
-    if len(parts) != 2:
-        raise Rejected("answer_marker", f"expected exactly one 'Answer: ', found {len(parts) - 1}")
-    body, answer = parts
-    lines = [line for line in body.strip().splitlines() if line.strip()]
-    first_option = next((i for i, line in enumerate(lines) if OPTION.match(line)), None)
-    if first_option is None or first_option == 0:
-        raise Rejected("no_options", "no numbered options after the question")
-    question = " ".join(line.strip() for line in lines[:first_option])
-    options, numbers = [], []
-    for line in lines[first_option:]:
-        match = OPTION.match(line)
-        if not match:
-            raise Rejected("option_format", f"line {line.strip()!r} is not a numbered option")
-        numbers.append(int(match.group(1)))
-        options.append(match.group(2))
-    if numbers != list(range(len(numbers))):
-        raise Rejected("option_numbers", f"options are numbered {numbers}, expected 0 to {len(numbers) - 1}")
-    if not p.min_options <= len(options) <= p.max_options:
-        raise Rejected("option_count", f"{len(options)} options, expected {p.min_options} to {p.max_options}")
-    if len({o.casefold() for o in options}) != len(options):
-        raise Rejected("duplicate_options", "two options are the same")
-    answer = answer.strip().rstrip(".")
-    if not answer.isdigit():
-        raise Rejected("answer_not_number", f"answer {answer[:40]!r} is not a number")
-    if int(answer) >= len(options):
-        raise Rejected("answer_out_of_range", f"answer {int(answer)} is out of range 0 to {len(options) - 1}")
-    return {"question": question, "options": options, "answer": int(answer)}
+def fewshot_texts(profile: str) -> list[str]:
+    """Every few-shot example the LLM may have seen: the families' own and the few-shot file's."""
+    path = params.load(profile, "synthesize", SynthesizeParams).fewshot
+    return [row["input_field"] for f in FAMILIES.values() for row in f.fewshot] + [
+        row["input_field"] for row in read_jsonl(path) if "input_field" in row
+    ]
 
 
 def clean(profile: str) -> None:
     p = params.load(profile, "clean", CleanParams)
     replies = read_jsonl(stage_dir(profile, "synthesize") / "generations.jsonl")
+    copies = Overlap(fewshot_texts(profile), p.ngram)
+    contamination = Overlap(evaluation_questions(profile), p.ngram)
     accepted, rejects, seen = [], [], set()
     items_total = 0
-    for reply in replies:
+    for number, reply in enumerate(replies, 1):
+        job = job_of(reply, number)
+        family = FAMILIES[job.family]
         for index, text in enumerate(split_items(reply["reply"])):
             items_total += 1
-            where = {"product_id": reply["product_id"], "locale": reply["locale"], "item": index}
+            where = {"family": family.name, "product_id": job.product.id, "locale": job.product.locale, "item": index}
             try:
-                item = parse_item(text, p)
-                key = (item["question"].casefold(), tuple(o.casefold() for o in item["options"]))
+                item = parse_item(text, family.task_type, p.min_options, p.max_options)
+                family.check(item, job)
+                shown = item.input_field(family.task_type)
+                if copies.share(shown) > p.max_fewshot_overlap:
+                    raise Rejected(
+                        "fewshot_copy", f"{copies.share(shown):.0%} of its {p.ngram}-grams are in the few-shot examples"
+                    )
+                if contamination.share(shown) > p.max_eval_overlap:
+                    raise Rejected(
+                        "eval_overlap",
+                        f"{contamination.share(shown):.0%} of its {p.ngram}-grams are in evaluation questions",
+                    )
+                key = (family.name, normalized(item.question))
                 if key in seen:
-                    raise Rejected("duplicate_item", "repeats an item already accepted")
+                    raise Rejected("duplicate_question", "repeats a question already accepted")
                 seen.add(key)
-                accepted.append({**where, **item})
             except Rejected as reject:
                 rejects.append({**where, "code": reject.code, "reason": str(reject), "text": text})
+                continue
+            accepted.append(
+                {
+                    **where,
+                    "task_name": family.name,
+                    "task_type": family.task_type,
+                    "metric": family.metric_for(job),
+                    "track": family.track,
+                    "input_field": shown,
+                    "output_field": item.answer,
+                    "is_multiple_choice": family.task_type == "multiple-choice",
+                    "instruction": family.instruction,
+                    "question": item.question,
+                    "options": item.options,
+                }
+            )
 
     folder = stage_dir(profile, "clean")
     write_jsonl(folder / "accepted.jsonl", accepted)
@@ -99,6 +105,7 @@ def clean(profile: str) -> None:
         "items": items_total,
         "accepted": len(accepted),
         "rejected": len(rejects),
+        "accepted_by_family": dict(sorted(Counter(a["family"] for a in accepted).items())),
         "reject_reasons": dict(sorted(Counter(r["code"] for r in rejects).items())),
     }
     write_json(folder / "counts.json", counts)

@@ -1,27 +1,25 @@
-"""synthesize: product catalog -> raw LLM generations, a reply of several questions per product.
+"""synthesize: product catalog -> raw replies of task families, one request per (family, product).
 
-Recipe (4th place, multilingual track): each product's title and attributes go to an
-LLM with ShopBench development examples as few-shot context; the LLM writes
-`questions_per_product` multiple-choice questions of `options_per_question` options,
-one correct, each in the form
-    The product '<full name>' appears on an e-commerce website. <question>
-    0. <option>
-    1. <option>
-    Answer: <number>
-Backends: `openai` (any OpenAI-compatible API: OpenAI, Azure OpenAI, a vLLM server;
-the key comes from the environment variable named by `api_key_env`) and `offline`
-(questions built from the product's own attributes, distractors drawn from other
-products: no network, deterministic).
+Recipe (4th place, multilingual track): each product's title and attributes go to an LLM with
+ShopBench development examples as few-shot context, and the LLM writes questions in ShopBench form
+(for the attribute task: 5 questions per product, 3 options each, one correct). Here each task family
+(shoptune/families: tasks 1-8 and 11 of the recipe, and the multilingual 16-18) is a template: its
+prompt, few-shot rows, answer format and checks. params `families` names which ones, how many items
+each, and for which locales; `fewshot` rows whose task_name is a family's replace its own examples.
 
-The openai backend sends one request per product through shoptune.llm_client (adaptive
+Backends: `openai` (any OpenAI-compatible API: OpenAI, Azure OpenAI, a vLLM server; the key comes
+from the environment variable named by `api_key_env`) and `offline` (the families that can be made
+from the catalog alone: no network, deterministic).
+
+The openai backend sends one request per job through shoptune.llm_client (adaptive
 concurrency, rate limits, retries, a budget: params timeout, requests_per_minute,
 tokens_per_minute, max_retries, max_cost, max_requests, prices). Every finished request is
 journaled in runs/<profile>/.checkpoints/synthesize/journal.jsonl, by a key hashing the whole
 request: a rerun (after a crash, a kill, a budget stop) sends only the requests without a final
 outcome, and a change of prompt, model or sampling sends new ones. Outputs: generations.jsonl
-(products with a reply, catalog order; a reply cut by max_tokens is kept, finish_reason "length"),
-failures.jsonl (the others, with why), stats.json. The stage fails (exit 2, one line, outputs
-written) when the run stopped early or more than max_failed_fraction of the products failed.
+(jobs with a reply, in family then catalog order; a reply cut by max_tokens is kept, finish_reason
+"length"), failures.jsonl (the others, with why), stats.json. The stage fails (exit 2, one line,
+outputs written) when the run stopped early or more than max_failed_fraction of the jobs failed.
 """
 
 from __future__ import annotations
@@ -30,14 +28,14 @@ import asyncio
 import collections
 import logging
 import os
-import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shoptune import UserError, params
 from shoptune.artifacts import read_jsonl, write_json, write_jsonl
-from shoptune.catalog import Product, read_catalog
+from shoptune.catalog import read_catalog
+from shoptune.families import FAMILIES
+from shoptune.families.family import Family, Job, Settings, system_prompt
 from shoptune.journal import NOT_SENT, SUCCESS
 from shoptune.llm_client import (
     Budget,
@@ -57,87 +55,45 @@ from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 log = logging.getLogger("synthesize")
 
 
-ITEM_OPENING = "The product '{title}' appears on an e-commerce website."
-QUESTION_BY_ATTRIBUTE = {
-    "brand": "Which brand makes this product?",
-    "color": "What is the color of this product?",
-    "size": "What size is this product?",
-    "model": "What is the model of this product?",
-    "material": "What material is this product made of?",
-    "author": "Who is the author of this product?",
-}
+# ------------------------------------------------------------------ families and their jobs
 
 
-def format_item(title: str, question: str, options: list[str], answer: int) -> str:
-    lines = [f"{ITEM_OPENING.format(title=title)} {question}"]
-    lines += [f"{i}. {option}" for i, option in enumerate(options)]
-    lines.append(f"Answer: {answer}")
-    return "\n".join(lines)
+def family_jobs(products, p: SynthesizeParams) -> list[tuple[Family, Settings, list[Job]]]:
+    """Each family of params (in task order), its settings, and its jobs over the sampled products."""
+    chosen = []
+    for family in FAMILIES.values():
+        if family.name in p.families:
+            fp = p.families[family.name]
+            settings = Settings(items=fp.items, options=p.options_per_question)
+            mine = [product for product in products if fp.locales is None or product.locale in fp.locales]
+            chosen.append((family, settings, family.jobs(mine, settings, p.seed)))
+    return chosen
 
 
-# ------------------------------------------------------------------ offline backend
-
-
-def offline_writer(products: list[Product], p: SynthesizeParams) -> Callable[[Product], str]:
-    """Questions from the product's attributes; wrong options are other products' values."""
-    values: dict[tuple[str, str], list[str]] = {}  # (attribute, locale) -> distinct values
-    for product in products:
-        for name, value in product.attributes.items():
-            known = values.setdefault((name, product.locale), [])
-            if value not in known:
-                known.append(value)
-
-    def write(product: Product) -> str:
-        rng = random.Random(f"{p.seed}:{product.locale}:{product.id}")
-        items = []
-        wrong = p.options_per_question - 1
-        for name, value in product.attributes.items():
-            # wrong options from the same locale first, then from the others
-            local = [v for v in values[(name, product.locale)] if v.casefold() != value.casefold()]
-            foreign = [
-                v
-                for (a, loc), vs in values.items()
-                if a == name and loc != product.locale
-                for v in vs
-                if v.casefold() != value.casefold() and v not in local
-            ]
-            picked = rng.sample(local, min(wrong, len(local)))
-            if len(picked) < wrong:
-                if len(foreign) < wrong - len(picked):
-                    continue
-                picked += rng.sample(foreign, wrong - len(picked))
-            options = [*picked, value]
-            rng.shuffle(options)
-            items.append(format_item(product.title, QUESTION_BY_ATTRIBUTE[name], options, options.index(value)))
-            if len(items) == p.questions_per_product:
-                break
-        return "\n\n".join(items)
-
-    return write
-
-
-# ------------------------------------------------------------------ openai backend
-
-
-def instructions(p: SynthesizeParams) -> str:
-    return (
-        "You write multiple-choice questions about products of an online shop, in the style of the "
-        "examples. For the product you are given, write "
-        f"{p.questions_per_product} questions about its attributes, each with {p.options_per_question} "
-        "options of which exactly one is correct. Write each question in this form, and separate "
-        "questions by a blank line:\n"
-        f"{ITEM_OPENING} <question>\n0. <option>\n1. <option>\n...\nAnswer: <number of the correct option>\n"
-        "Use the product's full name as given, and the product's language for the options."
-    )
-
-
-def fewshot_text(rows: list[dict], path: str) -> str:
-    examples = []
-    for number, row in enumerate(rows, 1):
+def fewshot_rows(path: str) -> dict[str, list[dict]]:
+    """{family: ShopBench rows} from the few-shot file, matched by task_name (the family's name or
+    task<N>); rows of other tasks are counted and left out."""
+    by_task = {name: name for name in FAMILIES} | {f"task{f.task}": f.name for f in FAMILIES.values()}
+    rows: dict[str, list[dict]] = {}
+    others = collections.Counter()
+    for number, row in enumerate(read_jsonl(path), 1):
         if "input_field" not in row or "output_field" not in row:
             raise UserError(f"{path}: row {number}: a few-shot example needs input_field and output_field")
-        examples.append(f"{row['input_field'].rstrip()} {row['output_field']}")
-    return "Examples:\n\n" + "\n\n".join(examples)
+        name = by_task.get(str(row.get("task_name", "")))
+        if name is None:
+            others[str(row.get("task_name", ""))] += 1
+        else:
+            rows.setdefault(name, []).append(row)
+    if others:
+        log.info("%s: %d rows name no family (%s): not used", path, others.total(), ", ".join(sorted(others)))
+    return rows
+
+
+def request_of(job: Job, family: Family, settings: Settings, system: str, p: SynthesizeParams) -> Request:
+    """The chat completion asked for one job; its key (a hash of all of it) names it in the journal."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": family.prompt(job, settings)}]
+    sampling = {"temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens}
+    return Request(p.model, messages, sampling)
 
 
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -170,13 +126,6 @@ def azure_auth(p: SynthesizeParams) -> dict:
             ) from None
 
     return {"azure_ad_token_provider": token}
-
-
-def product_request(product: Product, system: str, p: SynthesizeParams) -> Request:
-    """The chat completion asked for one product; its key (a hash of all of it) names it in the journal."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": product.card()}]
-    sampling = {"temperature": p.temperature, "top_p": p.top_p, "max_tokens": p.max_tokens}
-    return Request(p.model, messages, sampling)
 
 
 def api_key(p: SynthesizeParams) -> str:
@@ -238,30 +187,39 @@ def move_old_journals(folder: Path) -> None:
 def synthesize(profile: str) -> None:
     p = params.load(profile, "synthesize", SynthesizeParams)  # values checked too (params.check_synthesize)
     products = read_catalog(p.catalog, p.products_per_locale, p.seed)[: p.max_products]
+    families = family_jobs(products, p)
+    jobs = [(family, job) for family, _, its_jobs in families for job in its_jobs]
     folder = stage_dir(profile, "synthesize")
     if p.backend == "offline":
-        write = offline_writer(products, p)
-        rows = [row(product, p, write(product)) for product in products]
+        rows, skipped = [], collections.Counter()
+        for family, settings, its_jobs in families:
+            replies = family.offline_replies(its_jobs, products, settings, p.seed)
+            rows += [row(job, p, replies[job.id]) for job in its_jobs if job.id in replies]
+            skipped[family.name] = sum(1 for job in its_jobs if job.id not in replies)
         write_jsonl(folder / "generations.jsonl", rows)
         write_jsonl(folder / "failures.jsonl", [])  # none: the outputs are those of the openai backend
-        write_json(folder / "stats.json", base_stats(rows, p))
+        stats = {**base_stats(rows, p), "jobs_without_offline_reply": dict(sorted(skipped.items()))}
+        write_json(folder / "stats.json", stats)
         log.info("wrote %d replies to %s", len(rows), folder / "generations.jsonl")
         return
     if p.backend != "openai":
         raise UserError(f"params.yaml: profiles.{profile}.synthesize.backend: {p.backend!r} is not openai or offline")
 
-    system = instructions(p) + "\n\n" + fewshot_text(read_jsonl(p.fewshot), p.fewshot)
-    requests = [product_request(product, system, p) for product in products]
+    examples = fewshot_rows(p.fewshot)
+    requests = []
+    for family, settings, its_jobs in families:
+        system = system_prompt(family, settings, examples.get(family.name) or list(family.fewshot))
+        requests += [request_of(job, family, settings, system, p) for job in its_jobs]
     checkpoints = checkpoints_dir(profile, "synthesize")
     move_old_journals(checkpoints)
     result = send_requests(requests, checkpoints / "journal.jsonl", p)
     log.info("synthesize: %s", result.summary())
 
     rows, failures = [], []
-    for product, request in zip(products, requests, strict=True):
+    for (_, job), request in zip(jobs, requests, strict=True):
         outcome = result.outcomes[request.key]
         if outcome.status == SUCCESS:
-            rows.append({**row(product, p, outcome.text or ""), "finish_reason": outcome.finish_reason})
+            rows.append({**row(job, p, outcome.text or ""), "finish_reason": outcome.finish_reason})
             continue
         if outcome.status == NOT_SENT:
             kind, reason = "not_sent", f"not sent: the run stopped ({result.stopped_by})"
@@ -269,8 +227,10 @@ def synthesize(profile: str) -> None:
             kind, reason = outcome.failure, outcome.reason
         failures.append(
             {
-                "product_id": product.id,
-                "locale": product.locale,
+                "family": job.family,
+                "job": job.id,
+                "product_id": job.product.id,
+                "locale": job.product.locale,
                 "failure": kind,
                 "reason": reason,
                 "attempts": outcome.attempts,
@@ -285,11 +245,11 @@ def synthesize(profile: str) -> None:
     cost = sum(budget.cost(p.model, u.get("prompt_tokens", 0), u.get("completion_tokens", 0)) for u in usage)
     stats = {
         **base_stats(rows, p),
-        "failed_products": len(failures),
+        "failed_requests": len(failures),
         "failures": dict(sorted(collections.Counter(f["failure"] for f in failures).items())),
         "finish_reasons": dict(sorted(collections.Counter(r["finish_reason"] for r in rows).items())),
         "cut_by_max_tokens": sum(1 for r in rows if r["finish_reason"] == "length"),
-        "prompt_tokens": prompt_tokens,  # of every product's request, this run's and the journal's
+        "prompt_tokens": prompt_tokens,  # of every job's request, this run's and the journal's
         "completion_tokens": completion_tokens,
         "cost": round(cost, 6),
         "requests_sent": result.sent,  # this run
@@ -306,25 +266,29 @@ def synthesize(profile: str) -> None:
     by_kind = ", ".join(f"{kind} {n}" for kind, n in collections.Counter(f["failure"] for f in failures).most_common())
     if result.stopped_by is not None:
         raise UserError(
-            f"the run stopped ({result.stopped_by}): {len(rows)} of {len(products)} products have a reply, "
+            f"the run stopped ({result.stopped_by}): {len(rows)} of {len(jobs)} requests have a reply, "
             f"{len(failures)} not ({by_kind}); outputs written, see {folder / 'failures.jsonl'}; "
             "run again to send the rest"
         )
     if failures and rows == [] and all(f["failure"] == "connection" for f in failures):
         raise UserError(f"cannot reach the API at {p.base_url} (every request failed to connect)")
-    if len(failures) > p.max_failed_fraction * len(products):
+    if len(failures) > p.max_failed_fraction * len(jobs):
         raise UserError(
-            f"{len(failures)} of {len(products)} products failed ({by_kind}), more than max_failed_fraction "
+            f"{len(failures)} of {len(jobs)} requests failed ({by_kind}), more than max_failed_fraction "
             f"{p.max_failed_fraction}; outputs written, see {folder / 'failures.jsonl'}; "
             "run again to retry those not refused for good"
         )
 
 
-def row(product: Product, p: SynthesizeParams, reply: str) -> dict:
+def row(job: Job, p: SynthesizeParams, reply: str) -> dict:
     return {
-        "product_id": product.id,
-        "locale": product.locale,
-        "title": product.title,
+        "family": job.family,
+        "job": job.id,
+        "product_id": job.product.id,
+        "locale": job.product.locale,
+        "title": job.product.title,
+        "attributes": job.product.attributes,  # what clean checks items against
+        "context": job.context,
         "backend": p.backend,
         "model": p.model,
         "reply": reply,
@@ -333,7 +297,8 @@ def row(product: Product, p: SynthesizeParams, reply: str) -> dict:
 
 def base_stats(rows: list[dict], p: SynthesizeParams) -> dict:
     return {
-        "products": len(rows),
+        "replies": len(rows),
+        "replies_by_family": dict(sorted(collections.Counter(r["family"] for r in rows).items())),
         "backend": p.backend,
         "model": p.model,
         "empty_replies": sum(1 for r in rows if not r["reply"].strip()),

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shoptune import runner, shopbench  # noqa: E402
-from stages import clean, synthesize  # noqa: E402
+from shoptune.families.family import parse_item, write_item  # noqa: E402
 
 
 def timed(fn, *args):
@@ -35,11 +35,9 @@ def timed(fn, *args):
 
 
 def bench_clean(n: int = 20000) -> dict:
-    items = [
-        synthesize.format_item(f"Product {i}", "What color is it?", ["red", "blue", "green"], i % 3) for i in range(n)
-    ]
-    params = clean.CleanParams(2, 10)
-    seconds, _ = timed(lambda: [clean.parse_item(text, params) for text in items])
+    opening = "The product 'Product {}' appears on an e-commerce website. What color is it?"
+    items = [write_item(opening.format(i), ["red", "blue", "green"], i % 3) for i in range(n)]
+    seconds, _ = timed(lambda: [parse_item(text, "multiple-choice", 2, 10) for text in items])
     return {"items": n, "seconds": round(seconds, 3), "items_per_second": round(n / seconds)}
 
 

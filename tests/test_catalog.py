@@ -22,6 +22,7 @@ import yaml
 
 from shoptune import UserError
 from shoptune.catalog import COLUMNS, _sample, read_catalog
+from shoptune.families.family import write_item
 from shoptune.workspace import entrypoint
 from stages import synthesize
 from tests.conftest import ROOT
@@ -196,7 +197,7 @@ def test_the_demo_output_is_the_one_dvc_lock_records(demo):
     [
         ({"max_products": -1}, r"synthesize.max_products: expected a positive integer or null \(all\), got -1"),
         ({"products_per_locale": {"DE": 0}}, r"synthesize.products_per_locale.DE: expected a positive integer"),
-        ({"questions_per_product": 0}, r"synthesize.questions_per_product: expected an integer of at least 1"),
+        ({"families": {"query_ner": {"items": 0}}}, r"synthesize.families.query_ner.items: expected an integer of"),
         ({"api_version": "2024-02-01"}, r"synthesize.base_url: null, but api_version is set \(Azure OpenAI\)"),
     ],
 )
@@ -223,7 +224,7 @@ class AzureServer(BaseHTTPRequestHandler):
         AzureServer.requests.append(
             {"path": self.path, "auth": self.headers.get("Authorization"), "key": self.headers.get("api-key")}
         )
-        text = synthesize.format_item("Mug", "What is it?", ["A", "B", "C"], 2)
+        text = write_item("The product 'Mug' appears on an e-commerce website. What is it?", ["A", "B", "C"], 2)
         choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
         data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice]})
         self.send_response(200)
@@ -273,7 +274,15 @@ def fake_azure_identity(monkeypatch, token):
 
 def azure(demo, endpoint, **values):
     """The demo's synthesize params pointed at an Azure OpenAI deployment gpt-35 at `endpoint`."""
-    demo(backend="openai", model="gpt-35", base_url=endpoint, api_version="2024-02-01", api_key_env="AZ_KEY", **values)
+    demo(
+        backend="openai",
+        model="gpt-35",
+        base_url=endpoint,
+        api_version="2024-02-01",
+        api_key_env="AZ_KEY",
+        families={"product_attribute_choice": {"items": 5}},  # one request per product
+        **values,
+    )
 
 
 def test_azure_with_a_key(demo, azure_endpoint, monkeypatch):

@@ -13,6 +13,9 @@ import yaml
 
 from shoptune import UserError
 from shoptune.artifacts import read_jsonl
+from shoptune.catalog import Product
+from shoptune.families import FAMILIES
+from shoptune.families.family import Job, Rejected, parse_item, split_items, write_item
 from stages import clean, dataset, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +26,7 @@ def project(tmp_path, monkeypatch):
     """A scratch project with the demo data and the demo profile's data-stage params."""
     shutil.copytree(ROOT / "data" / "demo", tmp_path / "data" / "demo")
     demo = yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]["demo"]
-    profile = {k: demo[k] for k in ("synthesize", "clean", "dataset")}
+    profile = {k: demo[k] for k in ("synthesize", "clean", "dataset", "evaluate")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"profiles": {"t": profile}}))
     monkeypatch.chdir(tmp_path)
 
@@ -38,10 +41,22 @@ def project(tmp_path, monkeypatch):
 GOOD = "The product 'Mug' appears on an e-commerce website. What color is it?\n0. Red\n1. Blue\n2. Green\nAnswer: 1"
 
 
+ATTRIBUTES = FAMILIES["product_attribute_choice"]
+MUG = Job(ATTRIBUTES.name, Product("p1", "UK", "Mug", "", {}, ""))
+
+
+def attribute_item(text: str):
+    """The recipe's rules for its attribute task: the shared format, then the family's own checks."""
+    item = parse_item(text, ATTRIBUTES.task_type, 2, 10)
+    ATTRIBUTES.check(item, MUG)
+    return item
+
+
 @pytest.mark.parametrize(
     ("text", "code"),
     [
         ("A product 'Mug' ... ?\n0. a\n1. b\nAnswer: 0", "no_product_opening"),
+        ("The product 'Cup' appears on an e-commerce website. Color?\n0. a\n1. b\nAnswer: 0", "other_product"),
         (GOOD.replace("Answer: 1", "1"), "answer_marker"),
         (GOOD + "\nAnswer: 2", "answer_marker"),
         ("The product 'Mug' appears on an e-commerce website. Color?\nAnswer: 1", "no_options"),
@@ -57,40 +72,45 @@ GOOD = "The product 'Mug' appears on an e-commerce website. What color is it?\n0
     ],
 )
 def test_each_rule_rejects_with_its_reason(text, code):
-    with pytest.raises(clean.Rejected) as reject:
-        clean.parse_item(text, clean.CleanParams(min_options=2, max_options=10))
+    with pytest.raises(Rejected) as reject:
+        attribute_item(text)
     assert reject.value.code == code
 
 
 def test_a_good_item_parses():
-    item = clean.parse_item(GOOD, clean.CleanParams(2, 10))
-    assert item == {
-        "question": "The product 'Mug' appears on an e-commerce website. What color is it?",
-        "options": ["Red", "Blue", "Green"],
-        "answer": 1,
-    }
+    item = attribute_item(GOOD)
+    assert (item.question, item.options, item.answer) == (
+        "The product 'Mug' appears on an e-commerce website. What color is it?",
+        ["Red", "Blue", "Green"],
+        1,
+    )
 
 
-def test_replies_split_at_blank_lines_and_item_openings():
-    reply = f"Here are your questions:\n\n{GOOD}\n{GOOD}\n\n\n{GOOD}"
-    assert clean.split_items(reply) == ["Here are your questions:", GOOD, GOOD, GOOD]
+def test_replies_split_at_blank_lines():
+    reply = f"Here are your questions:\n\n{GOOD}\n\n\n{GOOD}"
+    assert split_items(reply) == ["Here are your questions:", GOOD, GOOD]
 
 
 def test_offline_synthesis_then_clean_then_dataset(project):
     synthesize.synthesize("t")
     replies = read_jsonl("runs/t/synthesize/generations.jsonl")
-    assert len(replies) == 28 and all(r["reply"] for r in replies)
+    # 32 products: every one for the attribute and query families, the 8 in two locales for matching
+    by_family = {f: sum(1 for r in replies if r["family"] == f) for f in {r["family"] for r in replies}}
+    assert by_family == {"product_attribute_choice": 32, "query_ner": 32, "cross_lingual_matching": 8}
+    assert all(r["reply"] for r in replies)
     clean.clean("t")
     counts = json.loads(Path("runs/t/clean/counts.json").read_text())
-    assert counts["accepted"] == counts["items"] > 28 * 3 and counts["rejected"] == 0
+    # the only rejects: items that overlap the demo's evaluation questions (same products, same questions)
+    assert counts["accepted"] > 32 * 3 and set(counts["reject_reasons"]) == {"eval_overlap"}
     for item in read_jsonl("runs/t/clean/accepted.jsonl"):
-        assert len(item["options"]) == 3 and 0 <= item["answer"] < 3
+        if item["family"] == "product_attribute_choice":
+            assert len(item["options"]) == 3 and 0 <= item["output_field"] < 3
     dataset.dataset("t")
     train, val = read_jsonl("runs/t/dataset/train.jsonl"), read_jsonl("runs/t/dataset/val.jsonl")
     stats = json.loads(Path("runs/t/dataset/stats.json").read_text())
     assert len(train) + len(val) + stats["left_out_test_rows"] == counts["accepted"] + 4 + 2  # + extra files
     assert stats["left_out_test_rows"] == 1
-    assert {r["task"] for r in train} >= {"attribute_multiple_choice", "Answer_Generation"}
+    assert {r["task"] for r in train} >= {"product_attribute_choice", "query_ner", "Answer_Generation"}
     assert all(
         set(r) == {"split", "task", "setting", "instruction", "input", "options", "output", "few_shot_example"}
         for r in train + val
@@ -108,6 +128,7 @@ def test_outputs_do_not_depend_on_the_run(project, tmp_path):
 def test_clean_reports_every_reject(project):
     replies = [
         {
+            "family": "product_attribute_choice",
             "product_id": "p1",
             "locale": "UK",
             "title": "Mug",
@@ -120,7 +141,7 @@ def test_clean_reports_every_reject(project):
     Path("runs/t/synthesize/generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in replies))
     clean.clean("t")
     rejects = read_jsonl("runs/t/clean/rejects.jsonl")
-    assert [r["code"] for r in rejects] == ["duplicate_item", "answer_out_of_range", "no_product_opening"]
+    assert [r["code"] for r in rejects] == ["duplicate_question", "answer_out_of_range", "answer_marker"]
     assert rejects[1]["reason"] == "answer 7 is out of range 0 to 2"
     counts = json.loads(Path("runs/t/clean/counts.json").read_text())
     assert (counts["items"], counts["accepted"], counts["rejected"]) == (4, 1, 3)
@@ -144,6 +165,9 @@ def test_bad_catalog_is_a_one_line_error(project):
 # ------------------------------------------------------------------ the openai backend, over real HTTP
 
 
+ONE_FAMILY = {"product_attribute_choice": {"items": 5}}  # one request per product
+
+
 class ChatServer(BaseHTTPRequestHandler):
     """An OpenAI-compatible /v1/chat/completions endpoint answering from the offline writer."""
 
@@ -160,7 +184,7 @@ class ChatServer(BaseHTTPRequestHandler):
             return self.reply(ChatServer.fail_status, {"error": {"message": "unwell", "type": "server_error"}})
         card = body["messages"][-1]["content"]
         title = card.splitlines()[0].removeprefix("Title: ")
-        text = synthesize.format_item(title, "What is it?", ["A", "B", "C"], 2)
+        text = write_item(f"The product '{title}' appears on an e-commerce website. What is it?", ["A", "B", "C"], 2)
         self.reply(
             200,
             {
@@ -203,6 +227,7 @@ def test_openai_backend_against_an_http_server(project, chat_server, monkeypatch
         model="gpt-35-turbo",
         base_url=chat_server,
         api_key_env="SHOP_KEY",
+        families=ONE_FAMILY,
         max_products=5,
         concurrency=2,
         max_retries=0,
@@ -227,12 +252,13 @@ def test_openai_backend_resumes_after_a_failure(project, chat_server, monkeypatc
         model="m",
         base_url=chat_server,
         api_key_env="SHOP_KEY",
+        families=ONE_FAMILY,
         max_products=6,
         concurrency=1,
         max_retries=0,
     )
     ChatServer.fail_after = 4  # then 500s: failures that the next run sends again
-    with pytest.raises(UserError, match=r"2 of 6 products failed \(http_500 2\), more than max_failed_fraction"):
+    with pytest.raises(UserError, match=r"2 of 6 requests failed \(http_500 2\), more than max_failed_fraction"):
         synthesize.synthesize("t")
     assert len(read_jsonl("runs/t/synthesize/generations.jsonl")) == 4  # what succeeded is written
     assert [f["failure"] for f in read_jsonl("runs/t/synthesize/failures.jsonl")] == ["http_500", "http_500"]
@@ -247,7 +273,15 @@ def test_openai_backend_resumes_after_a_failure(project, chat_server, monkeypatc
 
 
 def test_openai_backend_errors(project, chat_server, monkeypatch):
-    project("synthesize", backend="openai", model="m", base_url=chat_server, api_key_env="SHOP_KEY", max_retries=0)
+    project(
+        "synthesize",
+        backend="openai",
+        model="m",
+        base_url=chat_server,
+        api_key_env="SHOP_KEY",
+        max_retries=0,
+        families=ONE_FAMILY,
+    )
     monkeypatch.delenv("SHOP_KEY", raising=False)
     with pytest.raises(UserError, match="environment variable SHOP_KEY is not set"):
         synthesize.synthesize("t")
@@ -262,7 +296,15 @@ def test_openai_backend_errors(project, chat_server, monkeypatch):
 
 def test_a_journal_of_the_old_format_is_set_aside(project, chat_server, monkeypatch, caplog):
     monkeypatch.setenv("SHOP_KEY", "sk-test-123")
-    project("synthesize", backend="openai", model="m", base_url=chat_server, api_key_env="SHOP_KEY", max_products=2)
+    project(
+        "synthesize",
+        backend="openai",
+        model="m",
+        base_url=chat_server,
+        api_key_env="SHOP_KEY",
+        max_products=2,
+        families=ONE_FAMILY,
+    )
     old = Path("runs/t/.checkpoints/synthesize/replies-0123456789abcdef.jsonl")
     old.parent.mkdir(parents=True)
     old.write_text('{"product_id": "B0DEMO0001", "locale": "UK", "reply": "old"}\n')

@@ -3,6 +3,7 @@ import json
 import os
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,26 @@ def repository_params_with(tmp_path, old: str, new: str):
     return write(tmp_path, text[:start] + text[start:].replace(old, new, 1))
 
 
+def demo_section(name: str) -> str:
+    """The demo profile's section `name` as params.yaml writes it (comments included)."""
+    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    start = text.index(f"    {name}:\n")
+    return text[start : _next_section(text, start)]
+
+
+def _next_section(text: str, start: int) -> int:
+    lines = text[start:].splitlines(keepends=True)
+    end = start + len(lines[0])
+    for line in lines[1:]:
+        if not line.startswith("      "):
+            break
+        end += len(line)
+    return end
+
+
+CLEAN_SECTION = demo_section("clean")
+
+
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
@@ -85,7 +106,7 @@ def repository_params_with(tmp_path, old: str, new: str):
             r"infer.multiple_choice.max_new_token: unknown key",
         ),
         (
-            "    clean:\n      min_options: 2\n      max_options: 10\n",
+            CLEAN_SECTION,
             "    clean: [2, 10]\n",
             r"profiles.demo.clean: expected a mapping",
         ),
@@ -107,7 +128,13 @@ def test_a_profile_with_a_typo_anywhere_names_the_key(tmp_path, old, new, messag
         ("DE: 10,", "DE: many,", r"synthesize.products_per_locale.DE: expected an integer or null, got 'many'"),
         ("DE: 10,", "XX: 10,", r"synthesize.products_per_locale.XX: not a locale \(have: DE, JP, UK, ES, FR, IT\)"),
         ("products_per_locale: {DE", "products_per_locale: {} #", r"synthesize.products_per_locale: no locale named"),
-        ("questions_per_product: 5", "questions_per_product: 0", r"synthesize.questions_per_product: .* at least 1"),
+        ("query_ner: {items: 2}", "query_ner: {items: 0}", r"synthesize.families.query_ner.items: .* at least 1"),
+        ("query_ner: {items: 2}", "query_ner: {item: 2}", r"synthesize.families.query_ner.item: unknown key"),
+        ("query_ner: {items: 2}", "query_nre: {items: 2}", r"synthesize.families.query_nre: no such task family"),
+        ("query_ner: {items: 2}", "query_ner: {items: 2, locales: [XX]}", r"families.query_ner.locales: 'XX' is not"),
+        ("query_ner: {items: 2}", "review_retrieval: {items: 2}", r"families.review_retrieval: needs an LLM"),
+        ("ngram: 13", "ngram: 0", r"clean.ngram: expected an integer of at least 1, got 0"),
+        ("max_eval_overlap: 0.5", "max_eval_overlap: 1.5", r"clean.max_eval_overlap: expected a share in \[0, 1\]"),
         (
             "options_per_question: 3",
             "options_per_question: 1",
@@ -139,7 +166,8 @@ def test_a_profile_with_a_typo_anywhere_names_the_key(tmp_path, old, new, messag
 def test_a_value_a_stage_would_take_silently_or_fail_on_names_the_key(tmp_path, old, new, message):
     """Checked both where `shoptune run` loads the whole profile and where the stage loads its section."""
     path = repository_params_with(tmp_path, old, new)
-    section, schema = ("clean", CleanParams) if "min_options" in old else ("synthesize", SynthesizeParams)
+    is_clean = any(key in old for key in ("min_options", "ngram", "overlap"))
+    section, schema = ("clean", CleanParams) if is_clean else ("synthesize", SynthesizeParams)
     for load in (lambda: params.load_profile("demo", path), lambda: params.load("demo", section, schema, path)):
         with pytest.raises(UserError, match=message) as err:
             load()

@@ -24,7 +24,7 @@ from tests.llm_server import LLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-synthesize-0123"
-PRODUCTS = 28  # the demo catalog
+PRODUCTS = 32  # the demo catalog, one request each (one family)
 JOURNAL = Path("runs/t/.checkpoints/synthesize/journal.jsonl")
 OUT = Path("runs/t/synthesize")
 
@@ -49,6 +49,7 @@ def project(tmp_path, monkeypatch, server):
         "concurrency": 4,
         "max_retries": 2,
         "timeout": 1,
+        "families": {"product_attribute_choice": {"items": 5}},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"profiles": {"t": {"synthesize": section}}}))
     monkeypatch.chdir(tmp_path)
@@ -62,17 +63,22 @@ def project(tmp_path, monkeypatch, server):
 
 
 def mark_titles(markers: dict[int, str]) -> list[str]:
-    """Append fault markers to the titles of the catalog's products (by row); the product ids in order."""
+    """Append fault markers to the prices of the catalog's products (by row: the price is in the request
+    once, the title twice); "id:locale" of the products in order."""
     path = Path("data/demo/catalog.csv")
     with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     for number, marker in markers.items():
-        rows[number]["title"] += f" {marker}"
+        rows[number]["price"] += f" {marker}"
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return [r["id"] for r in rows]
+    return [f"{r['id']}:{r['locale']}" for r in rows]
+
+
+def where(row: dict) -> str:
+    return f"{row['product_id']}:{row['locale']}"
 
 
 def start_stage() -> subprocess.Popen:
@@ -110,23 +116,23 @@ def test_every_product_ends_in_generations_or_failures_under_faults(project, ser
             7: "{fault:cut:1}",
         }
     )
-    project(max_failed_fraction=0.05)  # 2 of 28 failures is more
+    project(max_failed_fraction=0.05)  # 2 of 32 failures is more
     status, errors = run_stage()
     assert status == 2
-    assert len(errors) == 1 and errors[0].startswith("error: 2 of 28 products failed (")
+    assert len(errors) == 1 and errors[0].startswith("error: 2 of 32 requests failed (")
     assert "http_400 1" in errors[0] and "http_500 1" in errors[0]
     generations, failures, stats = outputs()  # written all the same
-    assert [r["product_id"] for r in generations] == [i for i in ids if i not in (ids[3], ids[6])]  # catalog order
-    assert [(f["product_id"], f["failure"], f["attempts"]) for f in failures] == [
+    assert [where(r) for r in generations] == [i for i in ids if i not in (ids[3], ids[6])]  # catalog order
+    assert [(where(f), f["failure"], f["attempts"]) for f in failures] == [
         (ids[3], "http_400", 1),
         (ids[6], "http_500", 3),
     ]
     assert all(f["reason"] and "finish_reason" in f for f in failures)
-    assert next(r for r in generations if r["product_id"] == ids[5])["finish_reason"] == "length"
+    assert next(r for r in generations if where(r) == ids[5])["finish_reason"] == "length"
     assert all(r["reply"].startswith("reply to: Title: ") for r in generations)
-    assert stats["products"] == 26 and stats["failed_products"] == 2
+    assert stats["replies"] == 30 and stats["failed_requests"] == 2
     assert stats["failures"] == {"http_400": 1, "http_500": 1}
-    assert stats["finish_reasons"] == {"length": 1, "stop": 25} and stats["cut_by_max_tokens"] == 1
+    assert stats["finish_reasons"] == {"length": 1, "stop": 29} and stats["cut_by_max_tokens"] == 1
     assert stats["requests_sent"] == PRODUCTS and stats["requests_reused"] == 0
     assert stats["retries"] == 2 + 2 + 1 + 1 + 2 + 1  # 429 x2, 500 x2, truncated, hang, 500 x2, cut
     assert set(stats["retries_by_reason"]) >= {"http_429", "http_500", "timeout"}
@@ -138,7 +144,7 @@ def test_every_product_ends_in_generations_or_failures_under_faults(project, ser
     assert (status, errors) == (0, [])
     assert len(server.prompts()) == 3 and len(set(server.prompts())) == 1 and "{fault:500}" in server.prompts()[0]
     generations, failures, stats = outputs()
-    assert [f["product_id"] for f in failures] == [ids[3], ids[6]]
+    assert [where(f) for f in failures] == [ids[3], ids[6]]
     assert stats["requests_sent"] == 1 and stats["requests_reused"] == PRODUCTS - 1
 
 
@@ -146,15 +152,15 @@ def test_max_requests_stops_cleanly_and_reruns_send_only_the_rest(project, serve
     project(max_requests=10)
     status, errors = run_stage()
     assert status == 2
-    assert len(errors) == 1 and errors[0].startswith("error: the run stopped (max_requests): 10 of 28 products")
+    assert len(errors) == 1 and errors[0].startswith("error: the run stopped (max_requests): 10 of 32 requests")
     generations, failures, stats = outputs()
-    assert len(generations) == 10 and len(failures) == 18 and {f["failure"] for f in failures} == {"not_sent"}
+    assert len(generations) == 10 and len(failures) == 22 and {f["failure"] for f in failures} == {"not_sent"}
     assert stats["stopped_by"] == "max_requests" and len(server.log) == 10
 
     server.clear()
     project(max_requests=None)
     assert run_stage() == (0, [])
-    assert len(server.prompts()) == 18 and len(set(server.prompts())) == 18
+    assert len(server.prompts()) == 22 and len(set(server.prompts())) == 22
     generations, failures, stats = outputs()
     assert len(generations) == PRODUCTS and failures == [] and stats["requests_reused"] == 10
 

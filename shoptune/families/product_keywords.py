@@ -1,0 +1,45 @@
+"""Task 16 (multilingual, beyond the recipe), keyword sets: the search keywords for a product, in its
+locale's language (entity list, micro F1)."""
+
+from __future__ import annotations
+
+from shoptune import quality
+from shoptune.families.family import LANGUAGE, Family, Item, Job, Rejected, Settings, names_product
+
+QUESTION = "Give {language} search keywords for the product '{title}'. Answer with a list."
+
+
+class ProductKeywords(Family):
+    name = "product_keywords"
+    task = 16
+    description = "search keyword sets for a product, in its locale's language"
+    task_type = "named_entity_recognition"
+    metric = "micro f1"
+    track = "amazon-kdd-cup-24-multi-lingual-abilities"
+    instruction = "Give search keywords for the product in the language asked for. Answer with a list."
+    multilingual = True
+    fewshot = (
+        {
+            "input_field": QUESTION.format(language="German", title="Edelstahl Trinkflasche 750 ml auslaufsicher"),
+            "output_field": ["trinkflasche", "edelstahl", "auslaufsicher", "750 ml"],
+        },
+        {
+            "input_field": QUESTION.format(language="French", title="Poêle antiadhésive 28 cm induction"),
+            "output_field": ["poêle", "antiadhésive", "induction", "28 cm"],
+        },
+    )
+
+    def prompt(self, job: Job, settings: Settings) -> str:
+        language = LANGUAGE[job.product.locale]
+        question = QUESTION.format(language=language, title=job.product.title)
+        return (
+            f'{job.product.card()}\n\nWrite {settings.items} item(s): the question "{question}" and as the '
+            f"answer 3 to 8 search keywords in {language} that a shopper would type to find this product."
+        )
+
+    def check(self, item: Item, job: Job) -> None:
+        if not names_product(item.question, job.product):
+            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+        fits, found = quality.in_language(" ".join(item.answer), job.product.locale)
+        if not fits:
+            raise Rejected("wrong_language", f"the keywords read as {found}, not {LANGUAGE[job.product.locale]}")
