@@ -6,8 +6,8 @@ of the profile (the same n-gram rule as clean's, clean.ngram and clean.max_eval_
 out, and counted. Rows that carry their own split keep it ("test" rows are left out of training);
 the rest are split at random (seeded) by `val_fraction`.
 
-The dataset card (card.json, a DVC metric): rows per split by task (family), locale and source; clean's
-rejects per reason; synthesis failures per reason.
+The dataset card (card.json, a DVC metric): rows per split by task (family), locale and source;
+clean's rejects per reason; synthesis failures per reason and replies cut by max_tokens.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def dataset_card(profile: str, card: dict, decontaminated: Counter) -> dict:
     """Rows per split by task, locale and source; clean's rejects and synthesis's failures per reason."""
     counts = json.loads((stage_dir(profile, "clean") / "counts.json").read_text())
     failures = read_jsonl(stage_dir(profile, "synthesize") / "failures.jsonl")
+    synthesis = json.loads((stage_dir(profile, "synthesize") / "stats.json").read_text())
 
     def by(split: str, key: str) -> dict:
         return dict(sorted((value, n) for (k, value), n in card[split].items() if k == key))
@@ -105,6 +106,7 @@ def dataset_card(profile: str, card: dict, decontaminated: Counter) -> dict:
         "items_accepted_by_family": counts["accepted_by_family"],
         "items_rejected_by_reason": counts["reject_reasons"],
         "synthesis_failures_by_reason": dict(sorted(Counter(f["failure"] for f in failures).items())),
+        "replies_cut_by_max_tokens": synthesis.get("cut_by_max_tokens", 0),  # kept: clean judged their items
     }
 
 

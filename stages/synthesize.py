@@ -66,7 +66,9 @@ def family_jobs(products, p: SynthesizeParams) -> list[tuple[Family, Settings, l
             fp = p.families[family.name]
             settings = Settings(items=fp.items, options=p.options_per_question)
             mine = [product for product in products if fp.locales is None or product.locale in fp.locales]
-            chosen.append((family, settings, family.jobs(mine, settings, p.seed)))
+            jobs = family.jobs(mine, settings, p.seed)
+            log.info("%s (task %d): %d requests over %d products", family.name, family.task, len(jobs), len(mine))
+            chosen.append((family, settings, jobs))
     return chosen
 
 

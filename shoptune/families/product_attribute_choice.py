@@ -71,7 +71,8 @@ class ProductAttributeChoice(Family):
                 known = values.setdefault((name, product.locale), [])
                 if value not in known:
                     known.append(value)
-        return {job.id: self._write(job.product, values, settings, seed) for job in jobs}
+        replies = {job.id: self._write(job.product, values, settings, seed) for job in jobs}
+        return {job_id: reply for job_id, reply in replies.items() if reply}  # none: no attribute to ask about
 
     def _write(self, product: Product, values: dict, settings: Settings, seed: int) -> str:
         rng = random.Random(f"{seed}:{product.locale}:{product.id}")

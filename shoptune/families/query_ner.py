@@ -55,7 +55,8 @@ class QueryNer(Family):
             raise Rejected("other_product", "no entity is one of the product's attribute values or title words")
 
     def offline_replies(self, jobs: list[Job], products: list[Product], settings: Settings, seed: int) -> dict:
-        return {job.id: self._write(job.product, settings, seed) for job in jobs}
+        replies = {job.id: self._write(job.product, settings, seed) for job in jobs}
+        return {job_id: reply for job_id, reply in replies.items() if reply}  # none: no attribute to ask about
 
     def _write(self, product: Product, settings: Settings, seed: int) -> str:
         rng = random.Random(f"{seed}:{self.name}:{product.locale}:{product.id}")
