@@ -96,3 +96,18 @@ def git_repository(folder: Path) -> Path:
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         subprocess.run(["git", *command], cwd=folder, env={**os.environ, **GIT_IDENTITY}, check=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def real_llm(stage_python, tmp_path_factory):
+    """A real OpenAI-compatible server for the whole test session: vLLM (the infer environment)
+    serving SmolLM2-135M-Instruct (tests/real_llm.py; the model is converted once per machine).
+    Use server.base_url ("http://127.0.0.1:PORT/v1"), server.model (the served name),
+    server.api_key (required by the server), server.completions() (chat completions served so far)."""
+    from tests.real_llm import serve_smollm2
+
+    try:
+        with serve_smollm2(stage_python("infer"), tmp_path_factory.mktemp("real-llm")) as server:
+            yield server
+    except RuntimeError as err:
+        pytest.fail(str(err), pytrace=False)
