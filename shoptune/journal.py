@@ -23,7 +23,9 @@ crash once fsync'd. fsync runs after an append when `sync_interval` seconds have
 last one (0: after every append; None: never there), on `sync()` and on `close()`. A power cut
 therefore loses at most the lines of the last `sync_interval` seconds; those requests are sent again
 on resume. `sync()` may run in another thread while appends go on (the LLM client fsyncs every half
-second from a worker thread, so that its event loop never waits for the disk). A write or fsync
+second from a worker thread, so that its event loop never waits for the disk): group commit, one
+fsync for every line appended before it. `appended` counts the lines appended through this object,
+`durable` how many of them are known to be fsync'd (what may be reported as safely journaled). A write or fsync
 that fails (disk full) is a one-line UserError, and the part of the line written is cut away.
 
 The journal's order is the order in which requests finished; readers order outputs by their own
@@ -124,7 +126,8 @@ class Journal:
         except BaseException:
             os.close(self._fd)
             raise
-        self._unsynced = 0  # lines appended and not yet fsync'd
+        self.appended = 0  # lines appended through this object
+        self.durable = 0  # of those, the first `durable` are fsync'd (group commit: one fsync for many lines)
         self._count_lock = threading.Lock()
         self._last_sync = time.monotonic()
 
@@ -189,22 +192,24 @@ class Journal:
             raise UserError(f"{self.path}: cannot append to the journal ({err.strerror})") from None
         self.outcomes[outcome.key] = outcome
         with self._count_lock:
-            self._unsynced += 1
+            self.appended += 1
         if self.sync_interval is not None and time.monotonic() - self._last_sync >= self.sync_interval:
             self.sync()
 
-    def sync(self) -> None:
-        """fsync what was appended before this call (safe from another thread)."""
+    def sync(self) -> int:
+        """fsync what was appended before this call (safe from another thread); returns `durable`:
+        the lines appended so far that are on disk (all of them when no append ran meanwhile)."""
         with self._count_lock:
-            pending = self._unsynced
-        if pending and self._fd >= 0:
+            appended = self.appended
+        if appended > self.durable and self._fd >= 0:
             try:
                 os.fsync(self._fd)
             except OSError as err:
                 raise UserError(f"{self.path}: cannot write the journal to disk ({err.strerror})") from None
-        with self._count_lock:
-            self._unsynced -= pending
+            with self._count_lock:
+                self.durable = max(self.durable, appended)
         self._last_sync = time.monotonic()
+        return self.durable
 
     def close(self) -> None:
         """fsync and close (no sync() may be running in another thread)."""
@@ -212,6 +217,7 @@ class Journal:
             os.fsync(self._fd)
             os.close(self._fd)  # releases the lock
             self._fd = -1
+            self.durable = self.appended
 
     def __enter__(self) -> Journal:
         return self

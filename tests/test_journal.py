@@ -123,6 +123,25 @@ def test_fsync_follows_the_interval(tmp_path, monkeypatch):
         assert len(synced) == 2  # on close
 
 
+def test_group_commit_counts_as_durable_only_what_was_appended_before_the_fsync(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+    with Journal(tmp_path / "j.jsonl", sync_interval=None) as journal:
+        for key in "abc":
+            journal.append(success(key))
+        assert (journal.appended, journal.durable) == (3, 0)
+
+        def fsync_while_another_line_comes(fd):  # the worker thread's fsync races an append
+            monkeypatch.setattr(os, "fsync", real_fsync)
+            journal.append(success("d"))
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync_while_another_line_comes)
+        assert journal.sync() == 3  # "d" may have missed this fsync: not counted
+        assert (journal.appended, journal.durable) == (4, 3)
+        assert journal.sync() == 4
+    assert journal.durable == 4
+
+
 APPENDER = """
 import sys
 from shoptune.journal import Journal, Outcome

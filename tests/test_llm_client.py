@@ -9,6 +9,7 @@ import collections
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -110,14 +111,47 @@ def test_window_halves_on_a_burst_of_429s_and_grows_back():
         window.answered(started=1.5, rate_limited=False, retry_after=None, now=1.7)
     assert window.limit == 36 and window.smallest == 32  # + 64/16 after an epoch without 429s
     small = AdaptiveWindow(ceiling=4, adaptive=True)
+    for _ in range(4):
+        small.answered(started=1.0, rate_limited=True, retry_after=None, now=1.1)
+    assert small.limit == 4  # fewer than five 429s are never enough
     small.answered(started=1.0, rate_limited=True, retry_after=None, now=1.1)
-    assert small.limit == 4  # one 429 is never enough
-    small.answered(started=1.0, rate_limited=True, retry_after=None, now=1.1)
-    assert small.limit == 2
+    assert small.limit == 2  # five among the last 16 answers
     fixed = AdaptiveWindow(ceiling=8, adaptive=False)
     fixed.answered(started=1.0, rate_limited=True, retry_after=5.0, now=1.1)
     fixed.answered(started=1.0, rate_limited=True, retry_after=5.0, now=1.1)
     assert fixed.limit == 8 and fixed.paused_until == 0
+
+
+def rounds_against_a_rate_limit(window: AdaptiveWindow, allowed: int, rounds: int) -> list[int]:
+    """Round after round, `window.limit` attempts go out together and a server that takes `allowed`
+    a round answers the rest with 429s; returns the window's limit after each round."""
+    limits = []
+    for number in range(rounds):
+        sent = window.limit
+        for i in range(sent):
+            window.answered(started=float(number), rate_limited=i >= allowed, retry_after=None, now=number + 0.9)
+        limits.append(window.limit)
+    return limits
+
+
+def test_window_backs_off_to_a_real_rate_limit_and_ignores_stray_429s():
+    for ceiling, allowed in ((64, 10), (64, 40), (8, 3), (16, 1)):
+        limits = rounds_against_a_rate_limit(AdaptiveWindow(ceiling, adaptive=True), allowed, 200)
+        settled = limits[50:]
+        assert max(settled) <= max(2 * allowed, allowed + 4), (ceiling, allowed, settled)  # backs off, no Retry-After
+        assert sum(settled) / len(settled) >= allowed / 2, (ceiling, allowed, settled)  # and uses what is allowed
+    for ceiling in (8, 64):  # one answer in 20 is a 429, evenly or in pairs: the window never shrinks
+        for pattern in ([True] + [False] * 19, [True, True] + [False] * 38):
+            window = AdaptiveWindow(ceiling, adaptive=True)
+            for i in range(2000):
+                window.answered(started=float(i), rate_limited=pattern[i % len(pattern)], retry_after=None, now=i + 0.5)
+            assert window.smallest == ceiling
+    rng = random.Random(0)  # 5 % of answers are 429s at random: the window stays near full
+    window, limits = AdaptiveWindow(8, adaptive=True), []
+    for i in range(3000):
+        window.answered(started=float(i), rate_limited=rng.random() < 0.05, retry_after=None, now=i + 0.5)
+        limits.append(window.limit)
+    assert window.smallest >= 4 and sum(limits) / len(limits) > 7.9
 
 
 def test_retry_after_forms():
