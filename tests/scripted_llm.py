@@ -10,7 +10,9 @@ from shoptune.families import FAMILIES
 from shoptune.families.family import write_item
 from shoptune.families.query_ner import QUESTION as NER_QUESTION
 from shoptune.families.query_relation_choice import RELATIONS
+from shoptune.families.review_aspect_retrieval import QUESTION as ASPECT_QUESTION
 from shoptune.families.review_keyphrases import QUESTION as KEYPHRASE_QUESTION
+from shoptune.families.review_retrieval import QUESTION as RETRIEVAL_QUESTION
 
 # a sentence per language, for answers that must be in a target locale's language
 SENTENCE = {
@@ -69,10 +71,10 @@ def reply(system: str, user: str, items: int = 2) -> str:
             ["works well", "arrived fast"],
         ),
         "review_aspect_retrieval": lambda i: write_item(
-            f"A customer wrote this review: 'Sturdy, but pricey ({i}).'\n"
-            "Which of the following aspects does the review mention?",
+            f"A customer wrote this review: 'Sturdy, but pricey ({i}).'\n{ASPECT_QUESTION}",
             ["Durability", "Price", "Color"],
-            [0, 1],
+            [1, 2],
+            start=1,
         ),
         "product_knowledge": lambda i: write_item(f"{opening} What is it used for ({i})?", ["X", "Y", "Z"], 0),
         "query_relation_choice": lambda i: write_item(
@@ -87,11 +89,8 @@ def reply(system: str, user: str, items: int = 2) -> str:
         return "\n\n".join(writers[family](i) for i in range(n))
     if family == "review_retrieval":
         options, answer = given_options(user)
-        question = (
-            "A customer wrote this review: 'Exactly what I needed.'\n"
-            "Which of the following products is the review most likely about?"
-        )
-        return write_item(question, options, [answer])
+        question = f"A customer wrote this review: 'Exactly what I needed.'\n{RETRIEVAL_QUESTION}"
+        return write_item(question, options, [answer], start=1)
     if family == "title_translation":
         language = re.search(r"for the (\w+) store", user).group(1)
         return write_item(quoted_question(user), [], SENTENCE[language].split(",")[0])

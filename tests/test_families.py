@@ -105,7 +105,7 @@ MISTAKES = [
     ),
     (
         "review_aspect_retrieval",
-        lambda: broken("review_aspect_retrieval", "Answer: 0, 1", "Answer: 0, 0"),
+        lambda: broken("review_aspect_retrieval", "Answer: 1, 2", "Answer: 1, 1"),
         "answer_numbers",
     ),
     ("query_relation_choice", lambda: broken("query_relation_choice", "substitute", "replace"), "options_changed"),

@@ -4,14 +4,15 @@ LLM (or the offline writer) replies in, its parsing into ShopBench rows, and the
 A reply holds items separated by blank lines, each in ShopBench form with its answer:
 
     <question, one or more lines>
-    0. <option>                      (multiple-choice and retrieval families only)
-    1. <option>
+    0. <option>                      (multiple-choice and retrieval families only; retrieval
+    1. <option>                       candidates are numbered from 1)
     Answer: <answer>
 
-The answer is an option number (multiple-choice), option numbers separated by commas
-(retrieval), a list of strings (entity families: a JSON or Python list, or entries separated
-by semicolons or commas), or one line of text (generation). A family adds its own checks (the product it names,
-the options it was given, the language) on top of the shared ones.
+The answer is an option number (multiple-choice, options numbered from 0), option numbers
+separated by commas (retrieval, candidates numbered from 1 as in ShopBench), a list of strings
+(entity families: a JSON or Python list, or entries separated by semicolons or commas), or one
+line of text (generation). A family adds its own checks (the product it names, the options it was
+given, the language) on top of the shared ones.
 """
 
 from __future__ import annotations
@@ -71,10 +72,16 @@ class Item:
     answer: object
 
     def input_field(self, task_type: str) -> str:
-        lines = [self.question, *(f"{i}. {option}" for i, option in enumerate(self.options))]
-        if task_type in ("multiple-choice", "retrieval"):
+        start = first_number(task_type)
+        lines = [self.question, *(f"{i}. {option}" for i, option in enumerate(self.options, start))]
+        if task_type == "multiple-choice":  # as ShopBench's: a choice ends in "Answer:", a retrieval in its list
             lines.append(ANSWER)
         return "\n".join(lines)
+
+
+def first_number(task_type: str) -> int:
+    """ShopBench numbers multiple-choice options from 0 and retrieval candidates from 1."""
+    return 1 if task_type == "retrieval" else 0
 
 
 def split_items(reply: str) -> list[str]:
@@ -92,10 +99,11 @@ def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def write_item(question: str, options: list[str], answer: object) -> str:
-    """An item in the reply format (the offline writer's and the few-shot examples' form)."""
-    lines = [question, *(f"{i}. {option}" for i, option in enumerate(options)), f"{ANSWER} {answer_text(answer)}"]
-    return "\n".join(lines)
+def write_item(question: str, options: list[str], answer: object, start: int = 0) -> str:
+    """An item in the reply format (the offline writer's and the few-shot examples' form); options
+    numbered from `start` (1 for retrieval candidates)."""
+    numbered = (f"{i}. {option}" for i, option in enumerate(options, start))
+    return "\n".join([question, *numbered, f"{ANSWER} {answer_text(answer)}"])
 
 
 def parse_item(text: str, task_type: str, min_options: int, max_options: int) -> Item:
@@ -119,8 +127,9 @@ def parse_item(text: str, task_type: str, min_options: int, max_options: int) ->
     if not raw_answer:
         raise Rejected("empty_answer", "nothing after 'Answer:'")
     if task_type in ("multiple-choice", "retrieval"):
-        _check_options(options, numbers, min_options, max_options)
-        return Item(question, options, _choice_answer(raw_answer, len(options), task_type))
+        start = first_number(task_type)
+        _check_options(options, numbers, min_options, max_options, start)
+        return Item(question, options, _choice_answer(raw_answer, len(options), task_type, start))
     if options:
         raise Rejected("unexpected_options", f"{len(options)} numbered options in a {task_type} item")
     if task_type == "named_entity_recognition":
@@ -130,26 +139,28 @@ def parse_item(text: str, task_type: str, min_options: int, max_options: int) ->
     return Item(question, [], raw_answer)
 
 
-def _check_options(options: list[str], numbers: list[int], least: int, most: int) -> None:
+def _check_options(options: list[str], numbers: list[int], least: int, most: int, start: int) -> None:
     if not options:
         raise Rejected("no_options", "no numbered options after the question")
-    if numbers != list(range(len(numbers))):
-        raise Rejected("option_numbers", f"options are numbered {numbers}, expected 0 to {len(numbers) - 1}")
+    if numbers != list(range(start, start + len(numbers))):
+        last = start + len(numbers) - 1
+        raise Rejected("option_numbers", f"options are numbered {numbers}, expected {start} to {last}")
     if not least <= len(options) <= most:
         raise Rejected("option_count", f"{len(options)} options, expected {least} to {most}")
     if len({o.casefold() for o in options}) != len(options):
         raise Rejected("duplicate_options", "two options are the same")
 
 
-def _choice_answer(raw: str, n_options: int, task_type: str) -> int | list[int]:
+def _choice_answer(raw: str, n_options: int, task_type: str, start: int) -> int | list[int]:
     raw = raw.rstrip(".")
     parts = [part.strip() for part in raw.split(",")] if task_type == "retrieval" else [raw]
     if not all(part.isdigit() for part in parts):
         raise Rejected("answer_not_number", f"answer {raw[:40]!r} is not {'numbers' if len(parts) > 1 else 'a number'}")
     numbers = [int(part) for part in parts]
     for number in numbers:
-        if number >= n_options:
-            raise Rejected("answer_out_of_range", f"answer {number} is out of range 0 to {n_options - 1}")
+        if not start <= number < start + n_options:
+            last = start + n_options - 1
+            raise Rejected("answer_out_of_range", f"answer {number} is out of range {start} to {last}")
     if task_type == "multiple-choice":
         return numbers[0]
     if len(set(numbers)) != len(numbers) or len(numbers) > 3:
@@ -204,7 +215,9 @@ ANSWER_FORMAT = {
 
 def system_prompt(family: Family, settings: Settings, fewshot: list[dict]) -> str:
     """The family's instructions to the LLM: what it writes, the item format, the few-shot rows as items."""
-    options = "0. <option>\n1. <option>\n...\n" if family.task_type in ("multiple-choice", "retrieval") else ""
+    start = first_number(family.task_type)
+    listed = family.task_type in ("multiple-choice", "retrieval")
+    options = f"{start}. <option>\n{start + 1}. <option>\n...\n" if listed else ""
     text = (
         f"You write training data for an online shopping assistant: {family.description}. Write each item in "
         f"this form, and separate items by a blank line:\n<question>\n{options}{ANSWER} "

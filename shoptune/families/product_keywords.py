@@ -6,7 +6,7 @@ from __future__ import annotations
 from shoptune import quality
 from shoptune.families.family import LANGUAGE, Family, Item, Job, Rejected, Settings, names_product
 
-QUESTION = "Give {language} search keywords for the product '{title}'. Answer with a list."
+QUESTION = "Give {language} search keywords for the product '{title}'. Answer with a Python list of strings."
 
 
 class ProductKeywords(Family):
@@ -16,7 +16,9 @@ class ProductKeywords(Family):
     task_type = "named_entity_recognition"
     metric = "micro f1"
     track = "amazon-kdd-cup-24-multi-lingual-abilities"
-    instruction = "Give search keywords for the product in the language asked for. Answer with a list."
+    instruction = (
+        "Give search keywords for the product in the language asked for. Answer with a Python list of strings."
+    )
     multilingual = True
     fewshot = (
         {

@@ -11,7 +11,7 @@ from shoptune.families.family import Family, Item, Job, Rejected, Settings, norm
 
 QUESTION = (
     "Extract the product attributes (brand, color, size, model, material, author) mentioned in the search query "
-    "'{query}'. Answer with a list."
+    "'{query}'. Answer with a Python list of strings."
 )
 
 
@@ -27,7 +27,9 @@ class QueryNer(Family):
     task_type = "named_entity_recognition"
     metric = "micro f1"
     track = "amazon-kdd-cup-24-understanding-shopping-concepts"
-    instruction = "Extract the product attributes mentioned in the shopping query. Answer with a list."
+    instruction = (
+        "Extract the product attributes mentioned in the shopping query. Answer with a Python list of strings."
+    )
     needs_llm = False
     fewshot = (
         {

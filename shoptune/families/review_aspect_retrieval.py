@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from shoptune.families.family import Family, Job, Settings
 
+QUESTION = "Which of the following aspects does the review mention? Answer with their numbers, separated by commas."
+
 
 class ReviewAspectRetrieval(Family):
     name = "review_aspect_retrieval"
@@ -17,16 +19,16 @@ class ReviewAspectRetrieval(Family):
     fewshot = (
         {
             "input_field": "A customer wrote this review: 'The kettle boils fast but the lid feels flimsy.'"
-            "\nWhich of the following aspects does the review mention?"
-            "\n0. Heating speed\n1. Price\n2. Build quality of the lid\n3. Color\nAnswer:",
-            "output_field": [0, 2],
+            f"\n{QUESTION}"
+            "\n1. Heating speed\n2. Price\n3. Build quality of the lid\n4. Color",
+            "output_field": [1, 3],
         },
     )
 
     def prompt(self, job: Job, settings: Settings) -> str:
         return (
             f"{job.product.card()}\n\nWrite {settings.items} items, each a short customer review of this product "
-            "in the product's language: \"A customer wrote this review: '<review>'\", on the next line \"Which of "
-            f'the following aspects does the review mention?", then {settings.options} aspects of the product, 1 to '
-            "3 of them mentioned by the review, and as the answer the numbers of those mentioned, separated by commas."
+            "in the product's language: \"A customer wrote this review: '<review>'\", on the next line "
+            f'"{QUESTION}", then {settings.options} aspects of the product numbered from 1, 1 to 3 of them mentioned '
+            "by the review, and as the answer the numbers of those mentioned, separated by commas."
         )

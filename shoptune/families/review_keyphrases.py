@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from shoptune.families.family import Family, Item, Job, Rejected, Settings, normalized
 
-QUESTION = "Extract the keyphrases from this customer review: '{review}'. Answer with a list."
+QUESTION = "Extract the keyphrases from this customer review: '{review}'. Answer with a Python list of strings."
 
 
 class ReviewKeyphrases(Family):

@@ -35,8 +35,11 @@ def check_given_options(item: Item, job: Job) -> None:
     if [normalized(o) for o in item.options] != [normalized(o) for o in job.context["options"]]:
         raise Rejected("options_changed", "the options are not the ones given, in their order")
     answer = item.answer if isinstance(item.answer, list) else [item.answer]
-    if answer != [job.context["answer"]]:
-        raise Rejected("wrong_answer", f"answer {item.answer}, but the product is option {job.context['answer']}")
+    if answer != [job.context["answer"] + 1]:  # candidates are numbered from 1
+        raise Rejected("wrong_answer", f"answer {item.answer}, but the product is option {job.context['answer'] + 1}")
+
+
+QUESTION = "Which of the following products is the review most likely about? Answer with the option's number."
 
 
 class ReviewRetrieval(Family):
@@ -50,10 +53,9 @@ class ReviewRetrieval(Family):
     fewshot = (
         {
             "input_field": "A customer wrote this review: 'Keeps my tea hot all morning and fits the car cup holder.'"
-            "\nWhich of the following products is the review most likely about?"
-            "\n0. Bamboo Cutting Board Set of 3\n1. Vacuum Insulated Travel Mug 450 ml\n2. USB-C Charging Cable 2 m"
-            "\nAnswer:",
-            "output_field": [1],
+            f"\n{QUESTION}"
+            "\n1. Bamboo Cutting Board Set of 3\n2. Vacuum Insulated Travel Mug 450 ml\n3. USB-C Charging Cable 2 m",
+            "output_field": [2],
         },
     )
 
@@ -61,12 +63,12 @@ class ReviewRetrieval(Family):
         return candidate_jobs(self, products, settings, seed, lambda p: p.title)
 
     def prompt(self, job: Job, settings: Settings) -> str:
-        options = "\n".join(f"{i}. {o}" for i, o in enumerate(job.context["options"]))
+        options = "\n".join(f"{i}. {o}" for i, o in enumerate(job.context["options"], 1))
         return (
             f"{job.product.card()}\n\nWrite a short customer review of this product, in the product's language, "
             "that does not quote its title. Then write one item: \"A customer wrote this review: '<review>'\", on "
-            'the next line "Which of the following products is the review most likely about?", then exactly '
-            f"these options:\n{options}\nand the answer {job.context['answer']}."
+            f'the next line "{QUESTION}", then exactly these options:\n{options}\nand the answer '
+            f"{job.context['answer'] + 1}."
         )
 
     def check(self, item: Item, job: Job) -> None:
