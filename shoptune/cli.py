@@ -7,6 +7,7 @@
     shoptune lock [IMAGE...]         regenerate docker/<image>/lock-*.txt from the requirements
     shoptune plan --profile P [--config CONFIG.json] [--tensor-parallel-size N] [--json]
     shoptune doctor --profile P [--stage STAGE ...] [--config CONFIG.json]
+    shoptune compare PROFILE PROFILE...   the profiles' headline scores side by side
 
 The runner is --runner, else $SHOPTUNE_RUNNER, else local.
 """
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     for command in (plan, doctor):
         command.add_argument("--config", type=Path, help="the model's config.json (default: finetune.base_model's)")
 
+    compare = commands.add_parser("compare", help="the headline scores of several profiles side by side")
+    compare.add_argument("profiles", nargs="+", metavar="PROFILE")
+
     build = commands.add_parser("build", help="build the runner's environments: .venvs/IMAGE or Docker images")
     lock = commands.add_parser("lock", help="regenerate docker/IMAGE/lock-*.txt (uv) from the requirements")
     for command in (build, lock):
@@ -83,6 +87,11 @@ def main(argv: list[str] | None = None) -> None:
             results = doctor_checks.diagnose(args.profile, args.runner, stages, args.config)
             print(doctor_checks.render(args.profile, args.runner, stages, results))
             status = 1 if any(not r.ok for r in results) else 0
+        elif args.command == "compare":
+            from shoptune.comparison import table
+
+            print(table(args.profiles))
+            status = 0
         elif args.command == "build":
             for image in args.images:
                 print(runner.build(args.runner, image, args.accelerator))

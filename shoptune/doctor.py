@@ -19,12 +19,13 @@ import subprocess
 from pathlib import Path
 
 from shoptune import UserError, params, plan
+from shoptune.inference import serves_awq
 from shoptune.profile import Profile
-from shoptune.runner import IMAGES, gpus_for
+from shoptune.runner import IMAGES, MODEL_BUILDERS, gpus_for
 
 GIB = plan.GIB
-# The profile stages, in dvc.yaml's order (tiny_model is the demo's, of no profile).
-STAGES = tuple(stage for stage in IMAGES if stage != "tiny_model")
+# The profile stages, in dvc.yaml's order (not the base model builders, of no profile).
+STAGES = tuple(stage for stage in IMAGES if stage not in MODEL_BUILDERS)
 NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader"]
 NVIDIA_TOOLKIT_FIX = (
     "install the NVIDIA Container Toolkit, then `sudo nvidia-ctk runtime configure --runtime=docker "
@@ -146,7 +147,7 @@ def query_gpus(run=subprocess.run) -> tuple[list[Gpu] | None, str]:
         return None, str(err)
 
 
-def check_gpus(gpus: list[Gpu] | None, why: str, profile: Profile, stages: list[str]) -> list[Result]:
+def check_gpus(gpus: list[Gpu] | None, why: str, name: str, profile: Profile, stages: list[str]) -> list[Result]:
     """The GPUs against what the stages need: one for finetune with hardware.train_gpu_memory_gib,
     infer.tensor_parallel_size for inference with the compute capability its dtype and AWQ need
     and hardware.infer_gpu_memory_gib each."""
@@ -197,7 +198,7 @@ def check_gpus(gpus: list[Gpu] | None, why: str, profile: Profile, stages: list[
         )
         dtype = infer.dtype
         need = plan.BF16_MIN_CC if dtype == "bfloat16" else 0.0
-        if infer.model == "quantized" and infer.backend == "vllm":
+        if serves_awq(name, infer) and infer.backend == "vllm":
             need = max(need, plan.AWQ_MIN_CC)
         if need:
             low = [g for g in gpus if g.compute_capability < need]
@@ -308,7 +309,7 @@ def diagnose(
             results.append(nvidia_runtime(engine.info()))
     if wants_gpus:
         gpus, why = query_gpus()
-        results += check_gpus(gpus, why, profile, stages)
+        results += check_gpus(gpus, why, profile_name, profile, stages)
     sized = [stage for stage in stages if stage in plan.MODEL_STAGES]
     if sized:
         try:

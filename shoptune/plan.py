@@ -22,6 +22,7 @@ from pathlib import Path
 
 from shoptune import UserError, params
 from shoptune.host_needs import MODEL_STAGES, VLLM_CPU_KV_BYTES, Stage, cache_copies, needs_of, stage_needs
+from shoptune.inference import serves_awq
 from shoptune.model_shape import (
     COLUMN_PARALLEL,
     DTYPE_BYTES,
@@ -208,7 +209,7 @@ class Context:
         self.group, self.w_bit = quant.q_group_size, quant.w_bit
         self.padded = padded_size(self.shape.intermediate_size, self.group, self.tp)
         self.served = self.shape.padded(self.padded)  # the model pad writes, quantize and infer read
-        self.quantized = infer.model == "quantized"
+        self.quantized = serves_awq(self.name, infer)
         self.on_gpus = infer.backend == "vllm" and hw.infer_gpus > 0
         self.infer_bytes = dtype_bytes(infer.dtype, self.shape, f"{self.where}.infer.dtype")
         self.awq = awq_bytes(self.served, self.w_bit, self.group)
@@ -283,7 +284,8 @@ def layout_section(c: Context, checks: list[Check]) -> Section:
             f"--    not checked: infer.backend {infer.backend} runs on {device}, one device; "
             f"TP {c.tp} only sets the pad stage's layout",
         )
-    return Section(f"tensor parallel {c.tp}, AWQ group {c.group}, {infer.model} model served:", lines)
+    served = "AWQ" if c.quantized else "16-bit"
+    return Section(f"tensor parallel {c.tp}, AWQ group {c.group}, the {served} model served:", lines)
 
 
 def weights_section(c: Context, data: dict) -> Section:
@@ -403,7 +405,7 @@ def inference_section(c: Context, checks: list[Check], data: dict) -> Section:
             f"transformers on the CPU: {size(c.infer_weights)} of weights + {size(kv)} KV cache at most "
             f"(batch_size {infer.batch_size} x max_model_len {mml}), in host RAM"
         )
-    return Section(f"inference ({infer.backend}, {infer.model} model, {infer.dtype}):", lines)
+    return Section(f"inference ({infer.backend}, {'AWQ' if c.quantized else '16-bit'} model, {infer.dtype}):", lines)
 
 
 def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Section, dict]:

@@ -66,6 +66,7 @@ class DatasetParams:
 @dataclasses.dataclass
 class FinetuneParams:
     base_model: str
+    prompt_format: str  # raw | chat | alpaca (shoptune/prompts.py): how a training row is written
     max_seq_length: int
     load_in_4bit: bool
     lora_r: int
@@ -113,7 +114,7 @@ class Sampling:
 @dataclasses.dataclass
 class InferParams:
     backend: str
-    model: str
+    model: str  # the model folder answering: runs/<profile>/pad/model, .../quantize/model, a base model ...
     questions: str
     tensor_parallel_size: int
     dtype: str
@@ -121,9 +122,11 @@ class InferParams:
     max_model_len: int
     gpu_memory_utilization: float
     seed: int
-    constrain_choices: bool
+    constrain_choices: bool  # multiple choice: one of the question's option numbers
     multiple_choice: Sampling
     other: Sampling
+    constrain_number_lists: bool = False  # ranking, retrieval: distinct numbers of the question's list
+    prompt_format: str | None = None  # raw | chat | alpaca (shoptune/prompts.py); null: finetune.prompt_format
 
 
 @dataclasses.dataclass

@@ -1,14 +1,16 @@
 """finetune: (Q)LoRA on the ECInstruct rows with unsloth + trl, merged 16-bit model out.
 
 Recipe (4th place): Qwen2-72B-Instruct loaded in 4 bits (bitsandbytes) by unsloth, LoRA
-on every projection, Alpaca prompt with the EOS token appended, batch 2 x accumulation
+on every projection, Alpaca prompt with the EOS token appended (prompt_format: alpaca; raw and
+chat are the other formats, shoptune/prompts.py), batch 2 x accumulation
 4, 22000 steps, lr 2e-4, adamw_8bit, weight decay 0.01, linear schedule; saved merged
 in 16 bits. Load the 16-bit base with load_in_4bit=True (merging into a pre-quantized
 *-bnb-4bit checkpoint does not give a true 16-bit merge).
 
 Checkpoints go to runs/<profile>/.checkpoints/finetune/<settings digest>/ (the last
 `save_total_limit` of them are kept) and a rerun resumes from the last one. The stage runs
-offline (HF_HUB_OFFLINE=1): the base model is a local folder. The loss curve is written as a DVC plot (loss.csv).
+offline (HF_HUB_OFFLINE=1): the base model is a local folder. The loss curve is written as loss.csv and
+drawn as loss.svg (a DVC plot that renders offline).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 
 import unsloth  # noqa: F401  (must be imported before transformers, trl and peft)
 
-from shoptune import UserError, params
+from shoptune import UserError, charts, params
 from shoptune.artifacts import atomic_dir, atomic_file, dumps, read_jsonl, write_json
-from shoptune.ecinstruct import alpaca_prompt
 from shoptune.profile import FinetuneParams
+from shoptune.prompts import check_format, training_text
 from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
 log = logging.getLogger("finetune")
@@ -32,6 +34,7 @@ log = logging.getLogger("finetune")
 
 def finetune(profile: str) -> None:
     p = params.load(profile, "finetune", FinetuneParams)
+    check_format(p.prompt_format, f"params.yaml: profiles.{profile}.finetune.prompt_format")
     if not (Path(p.base_model) / "config.json").is_file():
         raise UserError(f"{p.base_model}: no model here (params: finetune.base_model; see README, 'Models')")
     data_dir = stage_dir(profile, "dataset")
@@ -61,10 +64,11 @@ def finetune(profile: str) -> None:
         random_state=p.seed,
     )
 
-    # Data: the Alpaca prompt with EOS, so the model learns where to stop.
+    # Data: each row in the prompt format, the answer, then the end of the turn (EOS), so the model
+    # learns where to stop.
     def texts(name: str) -> Dataset:
         rows = read_jsonl(data_dir / name)
-        return Dataset.from_dict({"text": [alpaca_prompt(row, tokenizer.eos_token) for row in rows]})
+        return Dataset.from_dict({"text": [training_text(row, p.prompt_format, tokenizer) for row in rows]})
 
     train, val = texts("train.jsonl"), texts("val.jsonl")
 
@@ -115,6 +119,11 @@ def finetune(profile: str) -> None:
         for entry in trainer.state.log_history:
             if "loss" in entry:
                 out.write(f"{entry['step']},{entry['loss']:.6f}\n")
+    chart = charts.line_chart(
+        charts.series_from_csv(folder / "loss.csv", "step", ["loss"]), "Training loss", "step", "loss"
+    )
+    with atomic_file(folder / "loss.svg") as out:  # a static image: `dvc plots show` needs no network
+        out.write(chart)
     write_json(
         folder / "metrics.json",
         {

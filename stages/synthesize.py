@@ -24,10 +24,8 @@ outputs written) when the run stopped early or more than max_failed_fraction of 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,18 +35,11 @@ from shoptune.catalog import read_catalog
 from shoptune.families import FAMILIES
 from shoptune.families.family import Family, Job, Settings, system_prompt
 from shoptune.journal import NOT_SENT, SUCCESS
-from shoptune.llm_client import (
-    Budget,
-    ClientConfig,
-    Limits,
-    Request,
-    RetryPolicy,
-    run_requests,
-    run_requests_async,
-)
+from shoptune.llm_client import Request
+from shoptune.llm_connection import budget_of, send_requests
 
 if TYPE_CHECKING:
-    from shoptune.llm_client import RunResult
+    pass
 from shoptune.profile import SynthesizeParams
 from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
@@ -98,84 +89,6 @@ def request_of(job: Job, family: Family, settings: Settings, system: str, p: Syn
     return Request(p.model, messages, sampling)
 
 
-AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
-
-
-def azure_auth(p: SynthesizeParams) -> dict:
-    """AzureOpenAI's (or AsyncAzureOpenAI's) credential: the key if its variable is set, else a
-    Microsoft Entra ID (Azure AD) token from azure-identity's DefaultAzureCredential."""
-    key = os.environ.get(p.api_key_env)
-    if key:
-        return {"api_key": key}
-    try:
-        from azure.core.exceptions import ClientAuthenticationError
-        from azure.identity import DefaultAzureCredential, get_bearer_token_provider
-    except ImportError:
-        raise UserError(
-            f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env): set it to the "
-            "Azure OpenAI key, or install azure-identity to sign in with Microsoft Entra ID instead"
-        ) from None
-    provider = get_bearer_token_provider(DefaultAzureCredential(), AZURE_SCOPE)
-
-    def token() -> str:
-        try:
-            return provider()
-        except ClientAuthenticationError as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise UserError(
-                f"{p.api_key_env} is not set and Microsoft Entra ID sign-in failed ({first}); "
-                "sign in (az login) or set the key"
-            ) from None
-
-    return {"azure_ad_token_provider": token}
-
-
-def api_key(p: SynthesizeParams) -> str:
-    key = os.environ.get(p.api_key_env)
-    if not key:
-        raise UserError(f"environment variable {p.api_key_env} is not set (params: synthesize.api_key_env)")
-    return key
-
-
-def send_requests(requests: list[Request], journal: Path, p: SynthesizeParams) -> RunResult:
-    """Every request through shoptune.llm_client: retried, rate-limited, journaled, within the budget."""
-    if not 0 <= p.max_failed_fraction <= 1:
-        raise UserError(f"synthesize.max_failed_fraction: expected a number in [0, 1], got {p.max_failed_fraction}")
-    limits = Limits(
-        concurrency=p.concurrency,
-        requests_per_minute=p.requests_per_minute,
-        tokens_per_minute=p.tokens_per_minute,
-        timeout=p.timeout,
-    )
-    budget = budget_of(p)
-    retry = RetryPolicy(attempts=p.max_retries + 1)
-    settings = {"limits": limits, "retry": retry, "budget": budget, "description": "synthesize"}
-    if not p.api_version:
-        return run_requests(requests, ClientConfig(api_key(p), p.base_url), journal, **settings)
-
-    import openai
-
-    async def on_azure() -> RunResult:  # the client is made in the event loop that uses it
-        client = openai.AsyncAzureOpenAI(
-            azure_endpoint=p.base_url, api_version=p.api_version, max_retries=0, **azure_auth(p)
-        )
-        try:
-            return await run_requests_async(requests, client, journal, **settings)
-        finally:
-            await client.close()
-
-    return asyncio.run(on_azure())
-
-
-def budget_of(p: SynthesizeParams) -> Budget:
-    prices = {}
-    for model, price in p.prices.items():
-        if len(price) != 2:
-            raise UserError(f"synthesize.prices.{model}: expected [input $/1M tokens, output $/1M tokens]")
-        prices[model] = (price[0], price[1])
-    return Budget(max_cost=p.max_cost, max_requests=p.max_requests, prices=prices)
-
-
 def move_old_journals(folder: Path) -> None:
     """Journals of the format before shoptune.llm_client (replies-<fingerprint>.jsonl) are not read: set aside."""
     for old in sorted(folder.glob("replies-*.jsonl")):
@@ -214,7 +127,7 @@ def synthesize(profile: str) -> None:
         requests += [request_of(job, family, settings, system, p) for job in its_jobs]
     checkpoints = checkpoints_dir(profile, "synthesize")
     move_old_journals(checkpoints)
-    result = send_requests(requests, checkpoints / "journal.jsonl", p)
+    result = send_requests(requests, checkpoints / "journal.jsonl", p, "synthesize")
     log.info("synthesize: %s", result.summary())
 
     rows, failures = [], []
@@ -243,7 +156,7 @@ def synthesize(profile: str) -> None:
     usage = [o.usage or {} for o in outcomes]
     prompt_tokens = sum(u.get("prompt_tokens", 0) for u in usage)
     completion_tokens = sum(u.get("completion_tokens", 0) for u in usage)
-    budget = budget_of(p)
+    budget = budget_of(p, "synthesize")
     cost = sum(budget.cost(p.model, u.get("prompt_tokens", 0), u.get("completion_tokens", 0)) for u in usage)
     stats = {
         **base_stats(rows, p),

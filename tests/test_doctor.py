@@ -31,7 +31,7 @@ def test_nvidia_smi_lines_are_read():
 
 
 def results(gpus, prof, stages=("finetune", "infer")):
-    return {r.name: r for r in doctor.check_gpus(gpus, "", prof, list(stages))}
+    return {r.name: r for r in doctor.check_gpus(gpus, "", "paper", prof, list(stages))}
 
 
 def test_four_t4s_serve_the_paper_profile():
@@ -54,10 +54,10 @@ def test_too_few_gpus_bfloat16_on_a_t4_and_a_small_training_gpu_fail_with_a_fix(
 
 
 def test_no_nvidia_smi_is_one_fail_with_its_fix():
-    (result,) = doctor.check_gpus(None, "nvidia-smi not found", profile(), list(doctor.STAGES))
+    (result,) = doctor.check_gpus(None, "nvidia-smi not found", "paper", profile(), list(doctor.STAGES))
     assert not result.ok and "nvidia-smi not found" in result.detail and "infer 4" in result.detail
     assert "install the NVIDIA driver" in result.fix
-    assert doctor.check_gpus(None, "nvidia-smi not found", profile("demo"), list(doctor.STAGES)) == []
+    assert doctor.check_gpus(None, "nvidia-smi not found", "demo", profile("demo"), list(doctor.STAGES)) == []
 
 
 def test_query_gpus_reads_the_command_and_its_failures():
