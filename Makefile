@@ -42,15 +42,23 @@ base-image:  ## build the local base image shoptune/base:bookworm (debootstrap, 
 images: setup base-image  ## build every stage's Docker image from the locked wheels (offline build)
 	$(BIN)/shoptune --runner docker build
 
+# the demo's ends: its scores, and its AWQ model (on a CPU, infer answers with the padded model)
+DEMO_TARGETS := evaluate@demo quantize@demo
+
 demo: setup $(call BASE_FOR,$(RUNNER))  ## run the whole pipeline on the demo profile (CPU, offline; RUNNER=local|docker)
 	$(WITH_RUNNER) $(BIN)/shoptune build
-	$(WITH_RUNNER) $(BIN)/dvc repro evaluate@demo
+	$(WITH_RUNNER) $(BIN)/dvc repro $(DEMO_TARGETS)
 	@cat runs/demo/evaluate/report.md
 
 demo-rerun: setup $(call BASE_FOR,$(RUNNER))  ## run every demo stage again even if up to date (e.g. RUNNER=docker after a local run)
 	$(WITH_RUNNER) $(BIN)/shoptune build
-	$(WITH_RUNNER) $(BIN)/dvc repro --force evaluate@demo
+	$(WITH_RUNNER) $(BIN)/dvc repro --force $(DEMO_TARGETS)
 	@cat runs/demo/evaluate/report.md
+
+smol: setup  ## a real model (SmolLM2-135M-Instruct) finetuned on the demo's data, against the base (CPU, ~20 min)
+	$(WITH_RUNNER) $(BIN)/shoptune build
+	$(WITH_RUNNER) $(BIN)/dvc repro evaluate@smol evaluate@smol_base
+	@$(BIN)/shoptune compare smol_base smol
 
 reproduce: setup $(call BASE_FOR,$(RUNNER))  ## run the paper's recipe (GPU host; RUNNER=docker for containers; needs the data and base model, see README)
 	$(WITH_RUNNER) $(BIN)/shoptune build --accelerator cuda

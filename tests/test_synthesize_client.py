@@ -193,5 +193,6 @@ def test_killed_mid_run_a_rerun_sends_only_unfinished_requests(project, server):
     resent = server.prompts()
     assert len(resent) == len(set(resent)) == PRODUCTS - len(finished)
     assert not set(resent) & finished  # nothing finished is paid twice
+    print(f"kill -9 (local): {PRODUCTS} requests, {len(finished)} journaled before the kill, {len(resent)} sent again")
     generations, failures, _ = outputs()
     assert len(generations) == PRODUCTS and failures == []

@@ -140,6 +140,10 @@ def test_killed_mid_run_in_docker_a_rerun_removes_the_orphan_and_sends_only_unfi
     assert not set(after_kill) & finished  # nothing that had finished is sent again, by the orphan or the rerun
     resent = [r.prompt for r in server.log if r.time >= rerun_at]
     assert len(resent) == len(set(resent)) and set(resent) == every - finished  # each unfinished one, once
+    print(
+        f"kill -9 under docker: {len(every)} requests, {len(finished)} finished before the kill, "
+        f"{len(after_kill)} sent after it ({len(resent)} by the rerun), none of them finished before"
+    )
     generations, failures = read_jsonl(folder / OUT / "generations.jsonl"), read_jsonl(folder / OUT / "failures.jsonl")
     assert failures == [] and sorted(r["reply"] for r in generations) == sorted(f"reply to: {p}" for p in every)
 
