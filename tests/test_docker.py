@@ -103,7 +103,7 @@ def test_data_stages_in_containers_match_the_local_runner(images, tmp_path):
         shoptune("--runner", "docker", "run", stage, "--profile", "demo", cwd=docker_copy)
         shoptune("--runner", "local", "run", stage, "--profile", "demo", cwd=local_copy)
     in_docker, local = outputs(docker_copy), outputs(local_copy)
-    assert len(in_docker) == 9 and in_docker == local  # failures.jsonl too (empty offline)
+    assert len(in_docker) == 10 and in_docker == local  # failures.jsonl (empty offline) and the card too
     for path in (docker_copy / "runs").rglob("*"):
         assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid()), path
     record = json.loads((docker_copy / "runs/demo/clean/provenance.json").read_text())

@@ -90,9 +90,9 @@ def test_outputs_travel_through_the_default_remote(project):
     clone = project.parent / "second"
     sh("git", "clone", "-q", str(project), str(clone), cwd=project.parent)
     (clone / ".venv").symlink_to(project / ".venv")
-    sh(".venv/bin/dvc", "pull", "evaluate@demo", "--with-deps", cwd=clone)
+    sh(".venv/bin/dvc", "pull", *DEMO_TARGETS, "--with-deps", cwd=clone)
     assert (clone / "runs/demo/quantize/model/config.json").is_file()
-    assert ran(sh(".venv/bin/dvc", "repro", "evaluate@demo", cwd=clone)) == set()
+    assert ran(sh(".venv/bin/dvc", "repro", *DEMO_TARGETS, cwd=clone)) == set()
     assert sh("git", "status", "--porcelain", cwd=clone) == ""
 
 

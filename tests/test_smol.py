@@ -44,4 +44,5 @@ def test_smol_finetuned_against_its_base(tmp_path, stage_python):
     table = sh(".venv/bin/shoptune", "compare", "smol_base", "smol", cwd=project)
     print(table)
     assert table.splitlines()[0] == "|  | smol_base | smol | difference |"
-    assert sh("git", "status", "--porcelain", cwd=project) == ""
+    # the committed dvc.lock records the demo only: the smol runs add their entries, nothing else changes
+    assert sh("git", "status", "--porcelain", cwd=project).split() == ["M", "dvc.lock"]
