@@ -14,12 +14,22 @@ model learns where to stop; an inference prompt ends where the answer begins.
 
 from __future__ import annotations
 
-from shoptune import UserError
+from pathlib import Path
+
+from shoptune import UserError, params
 from shoptune.ecinstruct import ALPACA_TEMPLATE, alpaca_prompt, options_text
+from shoptune.profile import FinetuneParams, InferParams
 from shoptune.shopbench import NON_CHOICE_SUFFIX, SYSTEM_PROMPT, Question, prompt_for
 
 FORMATS = ("raw", "chat", "alpaca")
 ANSWER = "Answer:"
+
+
+def inference_format(profile: str, p: InferParams, params_file: Path = params.PARAMS_FILE) -> str:
+    """The profile's inference prompt format: infer.prompt_format, else (null) finetune's."""
+    fmt = p.prompt_format or params.load(profile, "finetune", FinetuneParams, params_file).prompt_format
+    check_format(fmt, f"{params_file}: profiles.{profile}.infer.prompt_format")
+    return fmt
 
 
 def check_format(name: str, where: str) -> None:

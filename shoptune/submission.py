@@ -23,8 +23,8 @@ from pathlib import Path
 from shoptune import params
 from shoptune.answer_constraints import constraint_for
 from shoptune.inference import model_folder, open_backend, serves_awq
-from shoptune.profile import FinetuneParams, InferParams
-from shoptune.prompts import inference_prompt
+from shoptune.profile import InferParams
+from shoptune.prompts import inference_format, inference_prompt
 from shoptune.shopbench import Question
 from shoptune.task_types import infer_task_type
 
@@ -42,7 +42,7 @@ class ShopBenchModel:
     def from_profile(cls, profile: str, params_file: Path = params.PARAMS_FILE) -> ShopBenchModel:
         """The model the profile's infer stage answers with (infer.model), with its infer settings."""
         p = params.load(profile, "infer", InferParams, params_file)
-        fmt = p.prompt_format or params.load(profile, "finetune", FinetuneParams, params_file).prompt_format
+        fmt = inference_format(profile, p, params_file)
         return cls(model_folder(profile, p), p, quantized=serves_awq(profile, p), prompt_format=fmt)
 
     def get_batch_size(self) -> int:

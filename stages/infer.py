@@ -30,8 +30,8 @@ from shoptune import UserError, params
 from shoptune.answer_constraints import constraint_for, parse_rates
 from shoptune.artifacts import write_json, write_jsonl
 from shoptune.inference import model_folder, open_backend, serves_awq
-from shoptune.profile import FinetuneParams, InferParams
-from shoptune.prompts import check_format, inference_prompt
+from shoptune.profile import InferParams
+from shoptune.prompts import inference_format, inference_prompt
 from shoptune.shopbench import Question, read_questions
 from shoptune.task_types import infer_task_type
 from shoptune.workspace import entrypoint, stage_dir
@@ -41,8 +41,7 @@ log = logging.getLogger("infer")
 
 def infer(profile: str) -> None:
     p = params.load(profile, "infer", InferParams)
-    fmt = p.prompt_format or params.load(profile, "finetune", FinetuneParams).prompt_format
-    check_format(fmt, f"params.yaml: profiles.{profile}.infer.prompt_format")
+    fmt = inference_format(profile, p)
     if p.backend not in ("vllm", "transformers"):
         raise UserError(f"params.yaml: profiles.{profile}.infer.backend: {p.backend!r} is not vllm or transformers")
     model_dir, quantized = model_folder(profile, p), serves_awq(profile, p)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 
-from shoptune import quality
 from shoptune.catalog import Product
 from shoptune.families.family import (
     LANGUAGE,
@@ -17,8 +16,9 @@ from shoptune.families.family import (
     Job,
     Rejected,
     Settings,
-    names_product,
     normalized,
+    require_language,
+    require_product,
     write_item,
 )
 
@@ -98,17 +98,14 @@ class CrossLingualMatching(Family):
         )
 
     def check(self, item: Item, job: Job) -> None:
-        if not names_product(item.question, job.product):
-            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+        require_product(item, job)
         k = job.context["answer"]
         if item.answer != k:
             raise Rejected("wrong_answer", f"answer {item.answer}, but the product's description is option {k}")
         given = [normalized(o) for i, o in enumerate(self.options(job, "")) if i != k]
         if [normalized(o) for i, o in enumerate(item.options) if i != k] != given:
             raise Rejected("options_changed", "the other descriptions are not the ones given, in their order")
-        fits, found = quality.in_language(item.options[k], job.context["target"])
-        if not fits:
-            raise Rejected("wrong_language", f"the description reads as {found}, not {LANGUAGE[job.context['target']]}")
+        require_language(item.options[k], job.context["target"], "the description reads")
 
     def offline_replies(self, jobs: list[Job], products: list[Product], settings: Settings, seed: int) -> dict:
         return {

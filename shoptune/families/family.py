@@ -228,6 +228,21 @@ def system_prompt(family: Family, settings: Settings, fewshot: list[dict]) -> st
     return text
 
 
+def require_product(item: Item, job: Job) -> None:
+    """The check of every family whose question names its product: Rejected when it names another."""
+    if not names_product(item.question, job.product):
+        raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+
+
+def require_language(text: str, locale: str, what: str) -> None:
+    """Rejected when `text` reads as another language than the locale's (`what`: "the title reads")."""
+    from shoptune import quality
+
+    fits, found = quality.in_language(text, locale)
+    if not fits:
+        raise Rejected("wrong_language", f"{what} as {found}, not {LANGUAGE[locale]}")
+
+
 class Family:
     """A ShopBench task family. Subclasses set the class attributes and write `prompt` (what the LLM
     is asked for one job); they may override `jobs` (for candidates or a target locale), `offline`

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 
 from shoptune.catalog import Product
-from shoptune.families.family import Family, Item, Job, Rejected, Settings, names_product, write_item
+from shoptune.families.family import Family, Item, Job, Rejected, Settings, require_product, write_item
 
 OPENING = "The product '{title}' appears on an e-commerce website."
 QUESTION_BY_ATTRIBUTE = {
@@ -61,8 +61,7 @@ class ProductAttributeChoice(Family):
     def check(self, item: Item, job: Job) -> None:
         if not item.question.startswith("The product"):
             raise Rejected("no_product_opening", "does not start with 'The product'")
-        if not names_product(item.question, job.product):
-            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+        require_product(item, job)
 
     def offline_replies(self, jobs: list[Job], products: list[Product], settings: Settings, seed: int) -> dict:
         values: dict[tuple[str, str], list[str]] = {}  # (attribute, locale) -> distinct values

@@ -3,8 +3,7 @@ locale's language (entity list, micro F1)."""
 
 from __future__ import annotations
 
-from shoptune import quality
-from shoptune.families.family import LANGUAGE, Family, Item, Job, Rejected, Settings, names_product
+from shoptune.families.family import LANGUAGE, Family, Item, Job, Settings, require_language, require_product
 
 QUESTION = "Give {language} search keywords for the product '{title}'. Answer with a Python list of strings."
 
@@ -40,8 +39,5 @@ class ProductKeywords(Family):
         )
 
     def check(self, item: Item, job: Job) -> None:
-        if not names_product(item.question, job.product):
-            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
-        fits, found = quality.in_language(" ".join(item.answer), job.product.locale)
-        if not fits:
-            raise Rejected("wrong_language", f"the keywords read as {found}, not {LANGUAGE[job.product.locale]}")
+        require_product(item, job)
+        require_language(" ".join(item.answer), job.product.locale, "the keywords read")

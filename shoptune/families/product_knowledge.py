@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shoptune.families.family import Family, Item, Job, Rejected, Settings, names_product
+from shoptune.families.family import Family, Item, Job, Settings, require_product
 
 OPENING = "The product '{title}' appears on an e-commerce website."
 
@@ -36,5 +36,4 @@ class ProductKnowledge(Family):
         )
 
     def check(self, item: Item, job: Job) -> None:
-        if not names_product(item.question, job.product):
-            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+        require_product(item, job)

@@ -3,7 +3,7 @@ complement, irrelevant: the ESCI labels), as multiple choice with fixed options.
 
 from __future__ import annotations
 
-from shoptune.families.family import Family, Item, Job, Rejected, Settings, names_product, normalized
+from shoptune.families.family import Family, Item, Job, Rejected, Settings, normalized, require_product
 
 RELATIONS = (
     "It is exactly what the query asks for",
@@ -46,5 +46,4 @@ class QueryRelationChoice(Family):
     def check(self, item: Item, job: Job) -> None:
         if [normalized(o) for o in item.options] != [normalized(r) for r in RELATIONS]:
             raise Rejected("options_changed", "the options are not the four relations, in their order")
-        if not names_product(item.question, job.product):
-            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+        require_product(item, job)

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import random
 
-from shoptune import quality
 from shoptune.catalog import Product
-from shoptune.families.family import LANGUAGE, Family, Item, Job, Rejected, Settings, names_product, normalized
+from shoptune.families.family import (
+    LANGUAGE,
+    Family,
+    Item,
+    Job,
+    Rejected,
+    Settings,
+    normalized,
+    require_language,
+    require_product,
+)
 
 QUESTION = "Write the title of the product '{title}' for the {language} store."
 
@@ -53,10 +62,7 @@ class TitleTranslation(Family):
         )
 
     def check(self, item: Item, job: Job) -> None:
-        if not names_product(item.question, job.product):
-            raise Rejected("other_product", f"does not name the product {job.product.title!r}")
+        require_product(item, job)
         if normalized(str(item.answer)) == normalized(job.product.title):
             raise Rejected("not_translated", "the answer is the title itself")
-        fits, found = quality.in_language(str(item.answer), job.context["target"])
-        if not fits:
-            raise Rejected("wrong_language", f"the title reads as {found}, not {LANGUAGE[job.context['target']]}")
+        require_language(str(item.answer), job.context["target"], "the title reads")
