@@ -1,8 +1,9 @@
 """Scores of several runs side by side: `shoptune compare PROFILE...` (for example a base model against
 its finetuned self, or two prompt formats), from each profile's runs/<profile>/evaluate/metrics.json.
 
-The same numbers are what `dvc metrics show` and `dvc metrics diff` read; this is one table a person
-reads, the headline numbers as rows and the profiles as columns, with the difference of the last two.
+`dvc metrics show` and `dvc metrics diff` read overall and the tracks (metrics/<profile>.json); this
+adds the task types, in one table a person reads: the headline numbers as rows and the profiles as
+columns, with the difference of the last two.
 """
 
 from __future__ import annotations

@@ -276,19 +276,17 @@ def check_ram(need: int, meminfo: Path = Path("/proc/meminfo"), why: str = "") -
     )
 
 
-def check_api_key(synthesize, environ=os.environ) -> Result | None:
-    """The synthesis backend's key: set or not (its value is never shown)."""
-    if synthesize.backend == "offline":
+def check_api_key(stage: str, backend: str, name: str, environ=os.environ) -> Result | None:
+    """An API backend's key (synthesize's, infer's openai backend): set or not (its value is never shown)."""
+    if backend not in ("openai",):
         return None
-    name = synthesize.api_key_env
+    section = "synthesize" if stage == "synthesize" else "infer.api"
     ok = bool(environ.get(name, "").strip())
     return Result(
         "API key",
         ok,
-        f"{name} is {'set' if ok else 'not set'} (synthesize.backend {synthesize.backend})",
-        ""
-        if ok
-        else f"export {name}=... before running synthesize (or name another variable in synthesize.api_key_env)",
+        f"{name} is {'set' if ok else 'not set'} ({stage} backend {backend})",
+        "" if ok else f"export {name}=... before running {stage} (or name another variable in {section}.api_key_env)",
     )
 
 
@@ -329,10 +327,12 @@ def diagnose(
             results += check_disk(needs, Path.cwd(), cache)
             largest = max(sized, key=lambda s: the_plan.stages[s].ram_bytes)
             results.append(check_ram(needs["ram_bytes"], why=f" ({largest})"))
+    keys = []
     if "synthesize" in stages:
-        key = check_api_key(profile.synthesize)
-        if key:
-            results.append(key)
+        keys.append(check_api_key("synthesize", profile.synthesize.backend, profile.synthesize.api_key_env))
+    if "infer" in stages and profile.infer.api is not None:
+        keys.append(check_api_key("infer", profile.infer.backend, profile.infer.api.api_key_env))
+    results += [key for key in keys if key]
     return results
 
 

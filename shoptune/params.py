@@ -22,7 +22,15 @@ import yaml
 
 from shoptune import UserError
 from shoptune.catalog import LOCALES
-from shoptune.profile import CleanParams, Profile, SynthesizeParams, TinyModelParams
+from shoptune.profile import (
+    ApiParams,
+    CleanParams,
+    FinetuneParams,
+    InferParams,
+    Profile,
+    SynthesizeParams,
+    TinyModelParams,
+)
 
 PARAMS_FILE = Path("params.yaml")
 # params.yaml: the demo's tiny model (shared by every profile) and the profiles
@@ -183,12 +191,17 @@ def check_synthesize(p: SynthesizeParams, where: str) -> None:
     check_families(p, where)
     _at_least(p.options_per_question, 2, f"{where}.options_per_question")
     _at_least(p.max_tokens, 1, f"{where}.max_tokens")
-    _at_least(p.concurrency, 1, f"{where}.concurrency")
-    _at_least(p.max_retries, 0, f"{where}.max_retries")
     if not 0 <= p.temperature <= 2:
         raise UserError(f"{where}.temperature: expected a number in [0, 2], got {p.temperature}")
     if not 0 < p.top_p <= 1:
         raise UserError(f"{where}.top_p: expected a number in (0, 1], got {p.top_p}")
+    check_connection(p, where)
+
+
+def check_connection(p: SynthesizeParams | ApiParams, where: str) -> None:
+    """An API connection's keys (synthesize's, infer.api's): limits, budget, endpoint."""
+    _at_least(p.concurrency, 1, f"{where}.concurrency")
+    _at_least(p.max_retries, 0, f"{where}.max_retries")
     if not p.timeout > 0:
         raise UserError(f"{where}.timeout: expected a positive number of seconds, got {p.timeout}")
     for key in ("requests_per_minute", "tokens_per_minute", "max_requests"):
@@ -201,6 +214,58 @@ def check_synthesize(p: SynthesizeParams, where: str) -> None:
         raise UserError(
             f"{where}.base_url: null, but api_version is set (Azure OpenAI): "
             "set base_url to the resource endpoint, https://<resource>.openai.azure.com"
+        )
+    if isinstance(p.base_url, list):
+        check_endpoints(p.base_url, f"{where}.base_url")
+
+
+def check_endpoints(listed: list, where: str) -> None:
+    """base_url as a list: at least one endpoint, each a URL, none twice."""
+    if not listed:
+        raise UserError(f"{where}: no endpoint in the list (null: OpenAI's; a URL: one endpoint)")
+    seen = set()
+    for i, entry in enumerate(listed):
+        url = entry if isinstance(entry, str) else entry.base_url
+        if not url.strip():
+            raise UserError(f"{where}[{i}]: an empty URL")
+        if url in seen:
+            raise UserError(f"{where}: {url} is named twice")
+        seen.add(url)
+
+
+def check_finetune(p: FinetuneParams, where: str) -> None:
+    from shoptune import training_launch
+
+    training_launch.check(p, where)
+
+
+INFER_BACKENDS = ("vllm", "transformers", "openai")
+
+
+def check_infer(p: InferParams, where: str) -> None:
+    if p.backend not in INFER_BACKENDS:
+        raise UserError(f"{where}.backend: {p.backend!r} is not one of {', '.join(INFER_BACKENDS)}")
+    _at_least(p.tensor_parallel_size, 1, f"{where}.tensor_parallel_size")
+    _at_least(p.pipeline_parallel_size, 1, f"{where}.pipeline_parallel_size")
+    if p.distributed_executor_backend not in (None, "mp", "ray"):
+        raise UserError(
+            f"{where}.distributed_executor_backend: {p.distributed_executor_backend!r} is not null, mp or ray"
+        )
+    if p.backend != "vllm" and (p.pipeline_parallel_size > 1 or p.distributed_executor_backend):
+        raise UserError(
+            f"{where}.pipeline_parallel_size, distributed_executor_backend: only the vllm backend uses them "
+            f"(backend: {p.backend})"
+        )
+    if p.backend != "openai":
+        return
+    if p.api is None:
+        raise UserError(f"{where}.api: missing (the openai backend's API: model, base_url, api_key_env, ...)")
+    from shoptune.llm_connection import is_self_hosted
+
+    if (p.constrain_choices or p.constrain_number_lists) and not is_self_hosted(p.api):
+        raise UserError(
+            f"{where}.constrain_choices, constrain_number_lists: answer constraints need a self-hosted "
+            "server (vLLM's structured outputs); set them to false for OpenAI or Azure OpenAI"
         )
 
 
@@ -239,7 +304,13 @@ def check_clean(p: CleanParams, where: str) -> None:
 
 
 # schema -> its value check, called by parse() once the types are right
-VALUE_CHECKS = {SynthesizeParams: check_synthesize, CleanParams: check_clean}
+VALUE_CHECKS = {
+    SynthesizeParams: check_synthesize,
+    CleanParams: check_clean,
+    ApiParams: check_connection,
+    InferParams: check_infer,
+    FinetuneParams: check_finetune,
+}
 
 
 def _positive_or_null(value: int | None, where: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from shoptune import UserError, params
@@ -211,6 +212,9 @@ class Context:
         self.served = self.shape.padded(self.padded)  # the model pad writes, quantize and infer read
         self.quantized = serves_awq(self.name, infer)
         self.on_gpus = infer.backend == "vllm" and hw.infer_gpus > 0
+        self.pp = infer.pipeline_parallel_size if infer.backend == "vllm" else 1
+        # pipeline parallel: the largest stage holds ceil(L / pp) of the L layers, and their KV cache
+        self.stage_share = math.ceil(self.shape.num_hidden_layers / self.pp) / self.shape.num_hidden_layers
         self.infer_bytes = dtype_bytes(infer.dtype, self.shape, f"{self.where}.infer.dtype")
         self.awq = awq_bytes(self.served, self.w_bit, self.group)
         # what inference holds: the AWQ model, or the padded model in infer.dtype
@@ -268,15 +272,23 @@ def layout_section(c: Context, checks: list[Check]) -> Section:
         checks.append(x)
         if x.name != "TP intermediate_size" or not x.ok:
             lines.append(line(x))
-    if c.on_gpus and c.tp > hw.infer_gpus:
+    if c.on_gpus and c.tp * c.pp > hw.infer_gpus:
+        parallel = f"tensor parallel {c.tp}" + (f" x pipeline parallel {c.pp}" if c.pp > 1 else "")
         checks.append(
             Check(
                 "TP GPUs",
                 False,
-                f"tensor parallel {c.tp} needs {c.tp} GPUs; {c.where}.hardware.infer_gpus is {hw.infer_gpus}",
+                f"{parallel} needs {c.tp * c.pp} GPUs; {c.where}.hardware.infer_gpus is {hw.infer_gpus}",
             )
         )
         lines.append(line(checks[-1]))
+    if c.on_gpus and c.pp > 1:
+        executor = infer.distributed_executor_backend or "vLLM's default"
+        lines.append(
+            f"      pipeline parallel {c.pp}: the {c.shape.num_hidden_layers} layers in {c.pp} stages of {c.tp} GPUs "
+            f"({c.tp * c.pp} GPUs in all, {executor} executor; hardware.infer_gpus counts every node's); the "
+            f"largest stage holds {math.ceil(c.shape.num_hidden_layers / c.pp)} layers"
+        )
     if not c.on_gpus:
         device = "the CPU" if not hw.infer_gpus else "one GPU"
         lines.insert(
@@ -316,6 +328,8 @@ def inference_section(c: Context, checks: list[Check], data: dict) -> Section:
     mml = infer.max_model_len
     kv_heads = max(1, s.num_key_value_heads // c.tp) if c.on_gpus else s.num_key_value_heads
     kv_gpu = c.kv_token * kv_heads // s.num_key_value_heads
+    if c.on_gpus and c.pp > 1:  # a GPU caches its stage's layers only
+        kv_gpu = math.ceil(kv_gpu * c.stage_share)
     data["kv_cache"] = {"bytes_per_token": c.kv_token, "bytes_per_token_per_gpu": kv_gpu}
     lines = [
         f"KV cache: {c.kv_token:,} bytes per token ({infer.dtype})" + (f", {kv_gpu:,} per GPU" if c.on_gpus else "")
@@ -353,8 +367,9 @@ def inference_section(c: Context, checks: list[Check], data: dict) -> Section:
             if c.quantized
             else per_gpu_bytes(c.served, c.tp, c.infer_bytes)
         )
+        weights = math.ceil(weights * c.stage_share)  # pipeline parallel: its stage's layers (about)
         fit = kv_fit(hw.infer_gpu_memory_gib * GIB, infer.gpu_memory_utilization, weights, c.overhead, kv_gpu, mml)
-        data["inference"] = {"device": "gpu", **fit}
+        data["inference"] = {"device": "gpu", "pipeline_parallel_size": c.pp, **fit}
         lines.append(
             f"per GPU: {size(fit['budget_bytes'])} ({hw.infer_gpu_memory_gib:g} GiB x gpu_memory_utilization "
             f"{infer.gpu_memory_utilization:g}) - {size(weights)} weights - {size(c.overhead)} activations and "

@@ -19,13 +19,23 @@ class FamilyParams:
 
 
 @dataclasses.dataclass
+class EndpointParams:
+    """One of several endpoints in base_url (shoptune/llm_endpoints.py): its URL, and where it differs
+    from the section, its key's variable and the name it serves the model under (an Azure deployment)."""
+
+    base_url: str
+    api_key_env: str | None = None  # null: the section's api_key_env
+    model: str | None = None  # null: the section's model
+
+
+@dataclasses.dataclass
 class SynthesizeParams:
     catalog: str
     fewshot: str  # ShopBench rows; those whose task_name is a family's replace its own few-shot examples
     families: dict[str, FamilyParams]  # which task families, how many items each, which locales
     backend: str
     model: str
-    base_url: str | None
+    base_url: str | list[str | EndpointParams] | None  # one endpoint, several, or null (OpenAI)
     api_key_env: str
     api_version: str | None
     options_per_question: int  # multiple-choice and retrieval families
@@ -85,6 +95,14 @@ class FinetuneParams:
     save_steps: int
     save_total_limit: int
     seed: int
+    # How and where it trains (shoptune/training_launch.py, README "Scaling out"): the unsloth recipe, or
+    # trl's SFTTrainer with a peft LoRA and no unsloth (the one FSDP and DeepSpeed can shard); N processes
+    # (one per GPU; on a CPU, each a share of the cores) under `accelerate launch`, each with
+    # per_device_train_batch_size x gradient_accumulation_steps rows a step; an accelerate config file
+    # (configs/accelerate/: ddp, fsdp_qlora, deepspeed_zero3) for N > 1, null: plain data parallel.
+    backend: str = "unsloth"  # unsloth | trl
+    num_processes: int = 1
+    accelerate_config: str | None = None
 
 
 @dataclasses.dataclass
@@ -112,9 +130,31 @@ class Sampling:
 
 
 @dataclasses.dataclass
+class ApiParams:
+    """infer.api: the OpenAI-compatible API of the openai inference backend, with the keys and meaning
+    of synthesize's connection (shoptune/llm_connection.py)."""
+
+    model: str  # the model name the API serves (Azure: the deployment)
+    base_url: str | list[str | EndpointParams] | None  # a vLLM server (http://host:8000/v1), several; null: OpenAI
+    api_key_env: str
+    api_version: str | None  # set for Azure OpenAI, quoted
+    concurrency: int
+    max_retries: int
+    timeout: float
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+    max_cost: float | None
+    max_requests: int | None
+    prices: dict[str, list[float]]
+    max_failed_fraction: float  # more questions left unanswered: the stage fails, writing nothing
+
+
+@dataclasses.dataclass
 class InferParams:
-    backend: str
-    model: str  # the model folder answering: runs/<profile>/pad/model, .../quantize/model, a base model ...
+    backend: str  # vllm | transformers | openai
+    # the model folder answering: runs/<profile>/pad/model, .../quantize/model, a base model ...;
+    # openai backend: the served model's folder (its tokenizer cuts long prompts), or models/remote
+    model: str
     questions: str
     tensor_parallel_size: int
     dtype: str
@@ -127,6 +167,12 @@ class InferParams:
     other: Sampling
     constrain_number_lists: bool = False  # ranking, retrieval: distinct numbers of the question's list
     prompt_format: str | None = None  # raw | chat | alpaca (shoptune/prompts.py); null: finetune.prompt_format
+    api: ApiParams | None = None  # the openai backend's API
+    # vllm beyond one node (README "Scaling out"): layers split over pipeline_parallel_size stages of
+    # tensor_parallel_size GPUs each; distributed_executor_backend: null (vLLM's choice: processes on
+    # one node), mp, or ray (a Ray cluster started on the nodes, the stage run on its head)
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
 
 @dataclasses.dataclass

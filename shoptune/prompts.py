@@ -53,14 +53,18 @@ def _user_text(question: str, multiple_choice: bool) -> str:
 # ------------------------------------------------------------------ inference
 
 
+def chat_messages(question: Question) -> list[dict]:
+    """The chat format's messages: the system prompt, the question (its suffix added) as the user's turn."""
+    user = _user_text(question.input_field, question.is_multiple_choice)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
 def inference_prompt(question: Question, fmt: str, tokenizer) -> str:
     """The text the model continues to answer `question`."""
     if fmt == "raw":
         return prompt_for(question)
-    user = _user_text(question.input_field, question.is_multiple_choice)
     if fmt == "chat":
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-        return _chat(tokenizer, messages, add_generation_prompt=True)
+        return _chat(tokenizer, chat_messages(question), add_generation_prompt=True)
     if fmt == "alpaca":  # a ShopBench question is a whole instruction, as ecinstruct.from_shopbench makes it
         return ALPACA_TEMPLATE.format(instruction=question.input_field, input="", options="", output="")
     raise UserError(f"{fmt!r} is not a prompt format ({', '.join(FORMATS)})")

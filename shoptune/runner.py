@@ -19,10 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shoptune import UserError, environments
+from shoptune import UserError, environments, training_launch
 from shoptune.artifacts import write_json
 from shoptune.environments import REPOSITORY, say
-from shoptune.workspace import checkpoints_dir, stage_dir
+from shoptune.workspace import METRICS, PLOTS, checkpoints_dir, stage_dir
 
 IMAGES = {
     "synthesize": "data",
@@ -36,7 +36,8 @@ IMAGES = {
     "infer": "infer",
     "evaluate": "eval",
 }
-# Only these stages reach the network in a container (the API of an LLM).
+# Only these stages reach the network in a container (the API of an LLM), and infer with the
+# openai backend (calls_api).
 NETWORK_STAGES = {"synthesize"}
 # Local environments; SHOPTUNE_VENVS lets several clones share one set.
 VENVS = Path(os.environ.get("SHOPTUNE_VENVS", REPOSITORY / ".venvs"))
@@ -54,8 +55,8 @@ PASSED_ENVIRONMENT = (
     "MKL_NUM_THREADS",
 )
 PASSED_PREFIXES = ("NCCL_", "VLLM_", "TRITON_", "HF_", "TORCH_CUDA_ARCH_LIST")
-# Keys reach only the stages that call an API (NETWORK_STAGES): these, and the variable the
-# profile names in synthesize.api_key_env.
+# Keys reach only the stages that call an API (calls_api): these, and the variables the
+# profile names in synthesize.api_key_env and infer.api.api_key_env.
 SECRETS = ("OPENAI_API_KEY", "AZURE_OPENAI_API_KEY", "HF_TOKEN", "SHOPTUNE_API_KEY")
 # Set for every stage, whatever the runner: a fixed hash seed (any walk over a set of strings
 # then takes the same order in every run); torch asks NVML, not the CUDA driver, whether a GPU
@@ -94,26 +95,52 @@ def cache_dir(tag: str) -> Path:
     raise UserError(f"cannot make the cache folder {roots[0] / name} (set SHOPTUNE_CACHE to a writable folder)")
 
 
+def calls_api(stage: str | None, profile=None) -> bool:
+    """Does the stage call an LLM's API (network and key)? synthesize; infer with the openai backend."""
+    if stage in NETWORK_STAGES:
+        return True
+    return stage == "infer" and profile is not None and profile.infer.backend == "openai"
+
+
+def key_names(profile, stage: str | None = None) -> set[str]:
+    """The variables that hold API keys: the usual names, and those the profile's sections name
+    (synthesize.api_key_env, infer.api.api_key_env), or with a stage only that stage's own."""
+    from shoptune.llm_connection import endpoints
+
+    names = set(SECRETS)
+    if profile is not None and stage in (None, "synthesize"):
+        names |= {e.api_key_env for e in endpoints(profile.synthesize)}
+    if profile is not None and stage in (None, "infer") and profile.infer.api is not None:
+        names |= {e.api_key_env for e in endpoints(profile.infer.api)}
+    return names
+
+
 def passed_environment(stage: str | None = None, profile=None) -> dict[str, str]:
     """The host's variables a stage's container receives: the settings above, and the keys only
-    for a stage that calls an API."""
-    secrets = {*SECRETS, profile.synthesize.api_key_env} if profile is not None else set(SECRETS)
+    for a stage that calls an API (the usual names and the one its own section names)."""
+    keys = key_names(profile)
     settings = {
         name: value
         for name, value in os.environ.items()
-        if (name in PASSED_ENVIRONMENT or name.startswith(PASSED_PREFIXES)) and name not in secrets
+        if (name in PASSED_ENVIRONMENT or name.startswith(PASSED_PREFIXES)) and name not in keys
     }
-    if stage in NETWORK_STAGES:
-        settings.update({name: os.environ[name] for name in sorted(secrets) if name in os.environ})
+    if calls_api(stage, profile):
+        settings.update({name: os.environ[name] for name in sorted(key_names(profile, stage)) if name in os.environ})
     return settings
 
 
 def gpus_for(stage: str, profile) -> int:
-    """How many GPUs a stage of a profile gets: training and quantizing one, inference its
-    tensor-parallel size, the others none (a profile with gpus: false: none at all)."""
+    """How many GPUs a stage of a profile gets: training one per process (finetune.num_processes),
+    quantizing one, inference its tensor-parallel size, the others none (a profile with gpus: false:
+    none at all)."""
     if profile is None or not profile.gpus:
         return 0
-    return {"finetune": 1, "quantize": 1, "infer": profile.infer.tensor_parallel_size, "evaluate": 1}.get(stage, 0)
+    training = training_launch.gpus(profile.finetune)
+    infer = profile.infer
+    # pipeline parallel on one node: all its stages here; over Ray, this node gives one stage's GPUs
+    stages_here = infer.pipeline_parallel_size if infer.distributed_executor_backend != "ray" else 1
+    inference = infer.tensor_parallel_size * stages_here
+    return {"finetune": training, "quantize": 1, "infer": inference, "evaluate": 1}.get(stage, 0)
 
 
 def visible_gpus(count: int) -> list[str] | None:
@@ -138,7 +165,11 @@ def accelerator(gpus: bool) -> str:
     return "cuda" if gpus else "cpu"
 
 
-def stage_command(stage: str, args: list[str], python: str) -> list[str]:
+def stage_command(stage: str, args: list[str], python: str, profile=None) -> list[str]:
+    """`python -m stages.<stage> ARGS`; finetune with finetune.num_processes > 1 under `accelerate
+    launch` (shoptune/training_launch.py)."""
+    if stage == "finetune" and profile is not None:
+        return training_launch.command(python, args, profile.finetune)
     return [python, "-m", f"stages.{stage}", *args]
 
 
@@ -160,6 +191,13 @@ def run(stage: str, args: list[str], runner: str, profile_name: str | None = Non
     image, kind = image_of(stage), accelerator(bool(profile and profile.gpus))
     if runner not in ("local", "docker"):
         raise UserError(f"unknown runner '{runner}' (local or docker)")
+    if runner == "docker" and stage == "infer" and profile and profile.infer.distributed_executor_backend == "ray":
+        raise UserError(
+            "infer.distributed_executor_backend ray: a container cannot join the nodes' Ray cluster; run infer "
+            "with the local runner on the Ray head node (RUNNER=local; README, 'Scaling out')"
+        )
+    if stage == "finetune" and profile is not None:  # how it starts, checked before anything is built
+        training_launch.check(profile.finetune, f"params.yaml: profiles.{profile_name}.finetune")
     gpus = gpus_for(stage, profile)
     devices = visible_gpus(gpus) if gpus else None
     built = build(runner, image, kind)  # before anything runs: a failed build changes nothing
@@ -168,10 +206,19 @@ def run(stage: str, args: list[str], runner: str, profile_name: str | None = Non
     if runner == "local":
         if devices is not None:
             environment["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-        status = run_local(stage, args, Path(built), environment)
+        status = run_local(stage, args, Path(built), environment, profile)
     else:
         status = run_docker(
-            stage, args, built, environment, gpus, devices, profile_name, passed_environment(stage, profile)
+            stage,
+            args,
+            built,
+            environment,
+            gpus,
+            devices,
+            profile_name,
+            passed_environment(stage, profile),
+            network=calls_api(stage, profile),
+            profile_settings=profile,
         )
     if profile_name is not None:
         record = provenance(stage, profile_name, runner, image, kind, built, started, status)
@@ -217,9 +264,11 @@ def local_python(image: str, kind: str = "cpu") -> Path:
     return python
 
 
-def run_local(stage: str, args: list[str], python: Path, environment: dict[str, str] | None = None) -> int:
+def run_local(
+    stage: str, args: list[str], python: Path, environment: dict[str, str] | None = None, profile_settings=None
+) -> int:
     env = dict(os.environ, PYTHONPATH=str(REPOSITORY), **(environment or STAGE_ENVIRONMENT))
-    process = subprocess.Popen(stage_command(stage, args, str(python.absolute())), env=env)
+    process = subprocess.Popen(stage_command(stage, args, str(python.absolute()), profile_settings), env=env)
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -239,6 +288,8 @@ def run_docker(
     devices: list[str] | None = None,
     profile: str | None = None,
     host_environment: dict[str, str] | None = None,
+    network: bool | None = None,
+    profile_settings=None,
 ) -> int:
     from shoptune import containers
 
@@ -258,7 +309,7 @@ def run_docker(
     return containers.run(
         containers.client(),
         tag,
-        stage_command(stage, args, "python"),
+        stage_command(stage, args, "python", profile_settings),
         labels={
             "shoptune.workspace": str(Path.cwd()),
             "shoptune.stage": stage,
@@ -266,7 +317,7 @@ def run_docker(
         },
         environment=env,
         writable=writable_dirs(stage, profile) if profile else [],
-        network=stage in NETWORK_STAGES or profile is None,
+        network=(stage in NETWORK_STAGES if network is None else network) or profile is None,
         gpus=gpus,
         devices=devices,
         mounts=mounts,
@@ -278,10 +329,12 @@ MODEL_BUILDERS = {"tiny_model", "smol_model"}
 
 
 def writable_dirs(stage: str, profile: str) -> list[Path]:
-    """What a pipeline stage may write: its own folder and checkpoints (a base model builder: models/)."""
+    """What a pipeline stage may write: its own folder and checkpoints (a base model builder: models/),
+    and its profile's file in metrics/ or plots/."""
     if stage in MODEL_BUILDERS:
         return [Path("models"), stage_dir(profile, stage)]
-    return [stage_dir(profile, stage), checkpoints_dir(profile, stage)]
+    shared = {"finetune": [PLOTS], "evaluate": [METRICS, PLOTS]}.get(stage, [])  # one file per profile in each
+    return [stage_dir(profile, stage), checkpoints_dir(profile, stage), *shared]
 
 
 # ---------------------------------------------------------------- provenance

@@ -24,7 +24,7 @@ from shoptune import params
 from shoptune.answer_constraints import constraint_for
 from shoptune.inference import model_folder, open_backend, serves_awq
 from shoptune.profile import InferParams
-from shoptune.prompts import inference_format, inference_prompt
+from shoptune.prompts import inference_format
 from shoptune.shopbench import Question
 from shoptune.task_types import infer_task_type
 
@@ -60,6 +60,6 @@ class ShopBenchModel:
             for q in questions
         ]
         choice = [is_multiple_choice] * len(questions)
-        prompts = [inference_prompt(q, self.prompt_format, self.backend.tokenizer) for q in questions]
+        prompts = [self.backend.prompt(q, self.prompt_format) for q in questions]
         answers, _ = self.backend.answer(prompts, choice, constraints)
         return answers

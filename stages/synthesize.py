@@ -36,7 +36,7 @@ from shoptune.families import FAMILIES
 from shoptune.families.family import Family, Job, Settings, system_prompt
 from shoptune.journal import NOT_SENT, SUCCESS
 from shoptune.llm_client import Request
-from shoptune.llm_connection import budget_of, send_requests
+from shoptune.llm_connection import budget_of, endpoints, send_requests
 
 if TYPE_CHECKING:
     pass
@@ -173,6 +173,8 @@ def synthesize(profile: str) -> None:
         "retries_by_reason": dict(sorted(result.retried.items())),
         "stopped_by": result.stopped_by,
     }
+    if len(result.endpoints) > 1:  # this run's attempts per endpoint (shoptune/llm_endpoints.py)
+        stats["endpoints"] = {name: e.as_dict() for name, e in result.endpoints.items()}
     write_jsonl(folder / "generations.jsonl", rows)
     write_jsonl(folder / "failures.jsonl", failures)
     write_json(folder / "stats.json", stats)
@@ -186,7 +188,8 @@ def synthesize(profile: str) -> None:
             "run again to send the rest"
         )
     if failures and rows == [] and all(f["failure"] == "connection" for f in failures):
-        raise UserError(f"cannot reach the API at {p.base_url} (every request failed to connect)")
+        where = ", ".join(e.base_url or "OpenAI" for e in endpoints(p))
+        raise UserError(f"cannot reach the API at {where} (every request failed to connect)")
     if len(failures) > p.max_failed_fraction * len(jobs):
         raise UserError(
             f"{len(failures)} of {len(jobs)} requests failed ({by_kind}), more than max_failed_fraction "

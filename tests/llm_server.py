@@ -1,4 +1,4 @@
-"""A local OpenAI-compatible chat-completions server for the tests and the bench, with faults on demand.
+"""A local OpenAI-compatible completions server for the tests and the bench, with faults on demand.
 
     with LLMServer(latency=0.01) as server:          # asyncio streams in a background thread
         client = openai.AsyncOpenAI(base_url=server.url, api_key="test")
@@ -10,7 +10,8 @@
 
 POST /v1/chat/completions (and Azure's /openai/deployments/<name>/chat/completions) answers, after
 `latency` seconds, "reply to: <last user message>" with usage counted as one token per four
-characters. Faults come from markers in the prompt or from random draws:
+characters; POST /v1/completions answers "reply to: <prompt>" as a text completion. Faults come
+from markers in the prompt or from random draws:
 
     {fault:KIND}      every attempt of this prompt gets KIND
     {fault:KIND:N}    the first N attempts get KIND, later ones are answered; markers run in order,
@@ -77,6 +78,7 @@ class LLMServer:
         self.hang_seconds = hang_seconds
         self.port = port
         self.log: list[ServedRequest] = []
+        self.answered: list[str] = []  # prompts whose complete 200 answer was written
         self.seed = seed
         self._attempts: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -174,12 +176,14 @@ class LLMServer:
 
     async def _answer(self, method: str, path: str, headers: dict, body: bytes, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; False when the connection is to be closed."""
-        if method != "POST" or not path.split("?")[0].endswith("/chat/completions"):
+        route = path.split("?")[0]
+        if method != "POST" or not route.endswith("/completions"):
             await self._send(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
             return True
         request = json.loads(body)
+        text_completion = not route.endswith("/chat/completions")
         users = [m for m in request.get("messages", []) if m.get("role") == "user"]
-        prompt = users[-1]["content"] if users else ""
+        prompt = str(request.get("prompt", "")) if text_completion else users[-1]["content"] if users else ""
         fault = self._fault_for(prompt)
         kind, value = split_fault(fault) if fault else (None, None)
         if kind is not None and kind.isdigit():
@@ -210,12 +214,16 @@ class LLMServer:
             choice["finish_reason"] = "length"
         if kind == "refusal":
             choice["message"] = {"role": "assistant", "content": None, "refusal": "I cannot help with that."}
-        prompt_chars = sum(len(str(m.get("content", ""))) for m in request.get("messages", []))
+        if text_completion:
+            choice = {"index": 0, "text": reply, "finish_reason": choice["finish_reason"], "logprobs": None}
+        prompt_chars = (
+            len(prompt) if text_completion else sum(len(str(m.get("content", ""))) for m in request["messages"])
+        )
         usage = {"prompt_tokens": prompt_chars // 4 + 1, "completion_tokens": len(reply) // 4 + 1}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         completion = {
-            "id": "chatcmpl-test",
-            "object": "chat.completion",
+            "id": "cmpl-test" if text_completion else "chatcmpl-test",
+            "object": "text_completion" if text_completion else "chat.completion",
             "created": int(time.time()),
             "model": request.get("model", ""),
             "choices": [choice],
@@ -231,6 +239,7 @@ class LLMServer:
             await writer.drain()
             return False
         await self._send_bytes(writer, 200, data)
+        self.answered.append(prompt)  # the whole answer written: what a client pays for
         return True
 
     async def _send(self, writer, status: int, payload: dict, headers: dict | None = None) -> None:

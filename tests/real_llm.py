@@ -162,9 +162,9 @@ class VLLMServer:
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.load(response)
 
-    def completions(self) -> int:
-        """POST /v1/chat/completions requests answered so far, from the server's access log."""
-        return self.log_path.read_text(errors="replace").count('"POST /v1/chat/completions HTTP')
+    def completions(self, endpoint: str = "/chat/completions") -> int:
+        """POST /v1/chat/completions (or another endpoint's) requests answered so far, from the server's access log."""
+        return self.log_path.read_text(errors="replace").count(f'"POST /v1{endpoint} HTTP')
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

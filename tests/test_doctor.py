@@ -93,10 +93,15 @@ def test_ram_and_disk_against_the_plan(tmp_path):
 
 def test_the_api_key_check_never_holds_the_value():
     synthesize = profile().synthesize
-    ok = doctor.check_api_key(synthesize, {"OPENAI_API_KEY": SECRET})
+    ok = doctor.check_api_key("synthesize", synthesize.backend, synthesize.api_key_env, {"OPENAI_API_KEY": SECRET})
     assert ok.ok and SECRET not in repr(ok)
-    assert not doctor.check_api_key(synthesize, {"OPENAI_API_KEY": " "}).ok
-    assert doctor.check_api_key(profile("demo").synthesize, {}) is None  # offline: no key
+    empty = doctor.check_api_key("synthesize", synthesize.backend, synthesize.api_key_env, {"OPENAI_API_KEY": " "})
+    assert not empty.ok and "synthesize.api_key_env" in empty.fix
+    demo = profile("demo").synthesize
+    assert doctor.check_api_key("synthesize", demo.backend, demo.api_key_env, {}) is None  # offline: no key
+    served = doctor.check_api_key("infer", "openai", "MY_SERVER_KEY", {})  # infer's openai backend
+    assert not served.ok and "(infer backend openai)" in served.detail and "infer.api.api_key_env" in served.fix
+    assert doctor.check_api_key("infer", "vllm", "MY_SERVER_KEY", {}) is None
 
 
 # ---------------------------------------------------------------- the command on this machine

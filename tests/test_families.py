@@ -178,7 +178,7 @@ class ScriptedServer(BaseHTTPRequestHandler):
     requests: list[dict] = []
 
     def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         ScriptedServer.requests.append(body)
         system, user = body["messages"][0]["content"], body["messages"][-1]["content"]
         choice = {
@@ -260,6 +260,42 @@ def test_every_family_end_to_end_against_a_local_server(project, scripted_server
     ScriptedServer.requests = []
     synthesize.synthesize("t")  # the same params: every reply from the journal
     assert ScriptedServer.requests == []
+
+
+def test_synthesis_over_two_servers_one_stopping_midway_loses_nothing(project, monkeypatch):
+    """base_url lists two endpoints; the second server closes after answering 10 requests: every job
+    still gets its reply, each answered once, and stats.json counts each endpoint's attempts."""
+    answered: list[tuple[int, str]] = []  # (server, the request's body), once the answer is written
+    servers = []
+
+    class Counting(ScriptedServer):
+        def do_POST(self):  # noqa: N802
+            super().do_POST()
+            answered.append((self.server.number, json.dumps(self.body, sort_keys=True)))
+            if self.server.number == 1 and sum(n == 1 for n, _ in answered) == 10:
+                threading.Thread(target=lambda: (self.server.shutdown(), self.server.server_close())).start()
+
+    for number in (0, 1):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+        server.number = number
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    urls = [f"http://127.0.0.1:{s.server_address[1]}/v1" for s in servers]
+    monkeypatch.setenv("SHOP_KEY", "sk-test")
+    families = {"product_attribute_choice": {"items": 2}, "query_ner": {"items": 2}}
+    project("synthesize", backend="openai", model="m", base_url=urls, api_key_env="SHOP_KEY", families=families)
+    project("synthesize", concurrency=2, max_retries=6)
+    synthesize.synthesize("t")
+    servers[0].shutdown()
+    stats = json.loads(Path("runs/t/synthesize/stats.json").read_text())
+    generations = read_jsonl("runs/t/synthesize/generations.jsonl")
+    prompts = [prompt for _, prompt in answered]
+    assert stats["failed_requests"] == 0 and len(generations) == stats["requests_sent"] == len(set(prompts))
+    assert len(prompts) == len(set(prompts))  # none answered twice
+    endpoints = stats["endpoints"]
+    by_server = [sum(n == number for n, _ in answered) for number in (0, 1)]  # answers paid, per server
+    assert set(endpoints) == set(urls) and by_server[1] >= 10
+    assert [endpoints[url]["succeeded"] for url in urls] == by_server
 
 
 def test_the_offline_backend_refuses_a_family_that_needs_an_llm(project):

@@ -246,6 +246,38 @@ def test_a_burst_of_429s_shrinks_the_window_and_pauses_sending(server, tmp_path)
     assert min(answered) - min(rejected) >= 0.1
 
 
+def test_text_completions_go_to_their_endpoint_retried_and_journaled_like_chat(server, tmp_path):
+    """A Request with `prompt` is a text completion (POST /v1/completions): its faults are retried as
+    a chat completion's; an empty answer is retried unless the request takes it as an answer."""
+    sampling = {"temperature": 0.0, "max_tokens": 4}
+    requests = [
+        Request("m", [], sampling, prompt="plain"),
+        Request("m", [], sampling, prompt="flaky {fault:500:2}"),
+        Request("m", [], sampling, prompt="nothing {fault:empty}", empty_is_answer=True),
+        Request("m", [], sampling, prompt="empty twice {fault:empty:2}"),
+        Request("m", [{"role": "user", "content": "plain"}], sampling),  # the chat twin: another request
+    ]
+    assert len({r.key for r in requests}) == len(requests)
+    assert requests[0].key != request_key("m", [], sampling) and requests[-1].key == request_key(
+        "m", requests[-1].messages, sampling
+    )
+    result = run(server, requests, tmp_path / "j.jsonl")
+    texts = [result.outcomes[r.key].text for r in requests]
+    assert texts == [
+        "reply to: plain",
+        "reply to: flaky {fault:500:2}",
+        "",
+        "reply to: empty twice {fault:empty:2}",
+        "reply to: plain",
+    ]
+    assert all(result.outcomes[r.key].status == SUCCESS for r in requests)
+    attempts = collections.Counter(r.prompt for r in server.log)
+    assert attempts["flaky {fault:500:2}"] == 3 and attempts["nothing {fault:empty}"] == 1
+    assert attempts["empty twice {fault:empty:2}"] == 3
+    before = len(server.log)
+    assert run(server, requests, tmp_path / "j.jsonl").reused == len(requests) and len(server.log) == before
+
+
 def test_refusals_by_status_are_permanent_and_not_sent_again(server, tmp_path):
     requests = requests_for(["bad {fault:400}", "ok"])
     first = run(server, requests, tmp_path / "j.jsonl")
@@ -417,7 +449,9 @@ def test_requests_per_minute_is_kept(server, tmp_path):
     run(server, requests, tmp_path / "j.jsonl", limits=Limits(concurrency=30, requests_per_minute=1200, timeout=1))
     assert time.monotonic() - start >= 0.45  # 20 a second, 20 at once: the last 10 wait 0.05 s each
     times = sorted(r.time for r in server.log)
-    assert times[-1] - times[0] >= 0.4  # as the server saw them too (a busy machine only spreads them more)
+    # as the server saw them too: beyond the first second's burst (20 and the overdraw of the bucket,
+    # which the server may see bunched as its connections open), one every 0.05 s
+    assert times[-1] - times[-6] >= 0.2
 
 
 def test_tokens_per_minute_is_kept_with_estimates_corrected_by_usage(server, tmp_path):

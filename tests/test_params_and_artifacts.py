@@ -261,3 +261,66 @@ def test_safetensors_metadata_is_put_in_key_order_in_place(tmp_path):
     assert path.read_bytes() == wanted
     sort_safetensors_metadata(path)  # already in order: unchanged
     assert path.read_bytes() == wanted
+
+
+# the demo's infer on the openai backend: a vLLM server's API (constraints allowed), a key variable
+OPENAI_INFER = (
+    "      backend: transformers                 # CPU: no AWQ kernel runs, so the padded fp16 model\n",
+    "      backend: openai\n      api: {model: served, base_url: 'http://127.0.0.1:8000/v1', api_key_env: MY_KEY,"
+    " api_version: null, concurrency: 4, max_retries: 2, timeout: 60, requests_per_minute: null,"
+    " tokens_per_minute: null, max_cost: null, max_requests: null, prices: {}, max_failed_fraction: 0.0}\n",
+)
+
+
+def test_the_openai_inference_backend_loads_with_its_api(tmp_path):
+    from shoptune.profile import InferParams
+
+    p = params.load("demo", "infer", InferParams, repository_params_with(tmp_path, *OPENAI_INFER))
+    assert (p.backend, p.api.model, p.api.base_url) == ("openai", "served", "http://127.0.0.1:8000/v1")
+    assert (p.api.api_key_env, p.api.concurrency, p.api.max_failed_fraction) == ("MY_KEY", 4, 0.0)
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        (
+            "backend: openai\n",
+            "backend: llama\n",
+            r"profiles.demo.infer.backend: 'llama' is not one of vllm, transformers, openai",
+        ),
+        ("      api: {model", "      apis: {model", r"profiles.demo.infer.apis: unknown key"),
+        (
+            "base_url: 'http://127.0.0.1:8000/v1'",
+            "base_url: null",
+            r"infer.constrain_choices, constrain_number_lists: answer constraints need a self-hosted",
+        ),
+        (
+            "concurrency: 4",
+            "concurrency: 0",
+            r"profiles.demo.infer.api.concurrency: expected an integer of at least 1, got 0",
+        ),
+        (
+            "api_version: null, concurrency",
+            "api_version: 2024-02-01, concurrency",
+            r"infer.api.api_version: YAML read 2024-02-01 as a date",
+        ),
+        (
+            "max_failed_fraction: 0.0}",
+            "max_failed_fraction: 1.5}",
+            r"infer.api.max_failed_fraction: expected a number in \[0, 1\], got 1.5",
+        ),
+    ],
+)
+def test_bad_openai_inference_params_name_the_key(tmp_path, old, new, message):
+    text = (ROOT / "params.yaml").read_text()
+    start = text.index("  demo:")
+    path = write(tmp_path, text[:start] + text[start:].replace(*OPENAI_INFER, 1).replace(old, new, 1))
+    with pytest.raises(UserError, match=message) as err:
+        params.load_profile("demo", path)
+    assert "\n" not in str(err.value)
+
+
+def test_the_openai_backend_without_its_api_names_the_key(tmp_path):
+    path = repository_params_with(tmp_path, "backend: transformers ", "backend: openai ")
+    with pytest.raises(UserError, match=r"profiles.demo.infer.api: missing \(the openai backend's API"):
+        params.load_profile("demo", path)

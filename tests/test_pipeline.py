@@ -53,12 +53,13 @@ def test_demo_runs_every_stage_then_nothing_and_leaves_git_clean(project):
     runs = project / "runs" / "demo"
     pad = json.loads((runs / "pad" / "metrics.json").read_text())
     assert (pad["intermediate_size"], pad["padded_intermediate_size"]) == (344, 512)
-    assert pad["logits_max_abs_difference"] < 1e-4
+    assert (pad["mlp_relative_difference_below"], pad["logits_abs_difference_below"]) == (1e-5, 1e-4)
+    assert json.loads((runs / "pad" / "differences.json").read_text())["logits_max_abs_difference"] < 1e-4
     quantized = json.loads((runs / "quantize" / "metrics.json").read_text())
     assert quantized["quantization_config"]["bits"] == 4 and quantized["quantization_config"]["group_size"] == 128
     loss = (runs / "finetune" / "loss.csv").read_text().splitlines()
     assert loss[0] == "step,loss" and len(loss) == 1 + 12
-    assert (runs / "finetune" / "loss.svg").read_text().startswith("<svg")
+    assert (project / "plots" / "demo-loss.svg").read_text().startswith("<svg")
     metrics = json.loads((runs / "evaluate" / "metrics.json").read_text())  # headline numbers only
     tasks = json.loads((runs / "evaluate" / "tasks.json").read_text())["tasks"]
     assert len(tasks) == 11 and 0 <= metrics["overall"] <= 1
@@ -71,6 +72,25 @@ def test_demo_runs_every_stage_then_nothing_and_leaves_git_clean(project):
 
     second = sh(".venv/bin/dvc", "repro", *DEMO_TARGETS, cwd=project)
     assert ran(second) == set()
+
+
+def test_dvc_metrics_and_plots_show_fit_a_terminal(project, tmp_path):
+    """After the demo: `dvc metrics show` is the leaderboard's numbers, one row a profile (dashes for
+    those not run here), within 80 columns; `dvc plots show` draws the demo's two charts, static
+    images that need no network."""
+    shown = sh(".venv/bin/dvc", "metrics", "show", cwd=project)
+    print(f"\n{shown}")
+    lines = [line for line in shown.splitlines() if line.startswith(("Path", "metrics/"))]
+    assert lines[0].split() == ["Path", "concepts", "multilingual", "overall"]  # the demo's tracks
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert set(rows) == {"metrics/demo.json", "metrics/smol.json", "metrics/smol_base.json", "metrics/paper.json"}
+    demo = json.loads((project / "metrics" / "demo.json").read_text())
+    assert rows["metrics/demo.json"] == [f"{demo[key]:.5f}" for key in ("concepts", "multilingual", "overall")]
+    assert max(map(len, shown.splitlines())) <= 80
+    sh(".venv/bin/dvc", "plots", "show", "-o", str(tmp_path / "plots"), cwd=project)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert re.findall(r'<img src="static/workspace_plots_([^"]+)">', html) == ["demo-loss.svg", "demo-scores.svg"]
+    assert "<script" not in html  # nothing loaded from the internet
 
 
 @pytest.mark.docker

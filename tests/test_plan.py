@@ -3,6 +3,7 @@ command as a user runs it (exit status, one line per reason, a missing config.js
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,55 @@ def test_bfloat16_on_a_t4_fails(qwen2_72b):
     paper = dataclasses.replace(paper, infer=dataclasses.replace(paper.infer, dtype="bfloat16"))
     result = plan.make_plan("paper", paper, model_shape.read_config(qwen2_72b), str(qwen2_72b))
     assert any("bfloat16 needs compute capability >= 8" in c.detail for c in result.failures)
+
+
+def test_pipeline_parallel_over_two_nodes_of_4_t4s(qwen2_72b):
+    """TP 4 x PP 2 over Ray: 8 GPUs wanted; each holds half the layers, so the KV cache per GPU
+    halves per token and twice the tokens fit; 4 GPUs in all is one node short."""
+    paper = profile()
+    infer = dataclasses.replace(paper.infer, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    two_nodes = dataclasses.replace(paper.hardware, infer_gpus=8)
+    config = model_shape.read_config(qwen2_72b)
+    one = plan.make_plan("paper", paper, config, str(qwen2_72b))
+    two = plan.make_plan("paper", dataclasses.replace(paper, infer=infer, hardware=two_nodes), config, str(qwen2_72b))
+    assert two.data["kv_cache"]["bytes_per_token_per_gpu"] == 81_920 // 2
+    assert two.data["inference"]["pipeline_parallel_size"] == 2
+    assert two.data["inference"]["kv_tokens"] > 2 * one.data["inference"]["kv_tokens"]  # and the weights halve
+    assert "the 80 layers in 2 stages of 4 GPUs (8 GPUs in all, ray executor" in plan.render(two)
+    short = plan.make_plan("paper", dataclasses.replace(paper, infer=infer), config, str(qwen2_72b))
+    assert any("tensor parallel 4 x pipeline parallel 2 needs 8 GPUs" in c.detail for c in short.failures)
+
+
+def test_the_multi_node_params_reach_the_engine_unchanged(stage_python):
+    """infer's pipeline_parallel_size and distributed_executor_backend become vLLM's LLM(...) arguments
+    of the same names, which vLLM 0.32's EngineArgs (the infer environment's) has."""
+    import subprocess
+
+    from shoptune.inference import engine_arguments
+
+    infer = dataclasses.replace(profile().infer, pipeline_parallel_size=2, distributed_executor_backend="ray")
+    arguments = engine_arguments(Path("runs/paper/quantize/model"), True, infer, 4)
+    assert arguments["pipeline_parallel_size"] == 2 and arguments["distributed_executor_backend"] == "ray"
+    assert arguments["tensor_parallel_size"] == 4 and arguments["quantization"] == "awq"
+    assert "pipeline_parallel_size" not in engine_arguments(Path("m"), False, profile("demo").infer, 1)
+    code = "import dataclasses, json; from vllm.engine.arg_utils import EngineArgs; " + (
+        "print(json.dumps([f.name for f in dataclasses.fields(EngineArgs)]))"
+    )
+    fields = json.loads(subprocess.run([stage_python("infer"), "-c", code], capture_output=True, check=True).stdout)
+    assert set(arguments) <= set(fields)
+
+
+def test_ray_pipeline_gets_one_stage_of_gpus_here_and_no_container(monkeypatch):
+    from shoptune import runner
+
+    paper = profile()
+    on_one_node = dataclasses.replace(paper, infer=dataclasses.replace(paper.infer, pipeline_parallel_size=2))
+    over_ray = dataclasses.replace(
+        on_one_node, infer=dataclasses.replace(on_one_node.infer, distributed_executor_backend="ray")
+    )
+    assert runner.gpus_for("infer", on_one_node) == 8 and runner.gpus_for("infer", over_ray) == 4
+    with pytest.raises(UserError, match="a container cannot join the nodes' Ray cluster"):
+        runner.run("infer", ["--profile", "paper"], "docker", "paper", over_ray)
 
 
 def test_dvc_cache_copies_unless_it_can_link():

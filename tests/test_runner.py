@@ -37,7 +37,9 @@ def test_unknown_stage_runner_and_accelerator_are_user_errors():
 
 def test_a_stage_writes_only_its_own_folders():
     own = [Path("runs/demo/finetune"), Path("runs/demo/.checkpoints/finetune")]
-    assert runner.writable_dirs("finetune", "demo") == own
+    assert runner.writable_dirs("finetune", "demo") == [*own, Path("plots")]  # plots/demo-loss.svg
+    assert runner.writable_dirs("pad", "demo") == [Path("runs/demo/pad"), Path("runs/demo/.checkpoints/pad")]
+    assert runner.writable_dirs("evaluate", "demo")[2:] == [Path("metrics"), Path("plots")]
     assert Path("models") in runner.writable_dirs("tiny_model", "demo")
     assert runner.NETWORK_STAGES == {"synthesize"}
 
@@ -141,6 +143,26 @@ def test_keys_reach_only_the_stage_that_calls_an_api(monkeypatch):
     for stage in ("finetune", "infer", "evaluate", None):
         passed = runner.passed_environment(stage, azure)
         assert "NCCL_P2P_DISABLE" in passed and not {"MY_AZURE_KEY", "OPENAI_API_KEY", "HF_TOKEN"} & set(passed)
+
+
+def test_infer_on_the_openai_backend_gets_the_network_and_its_key(monkeypatch):
+    import dataclasses
+
+    from shoptune import params
+    from shoptune.profile import ApiParams
+
+    demo = params.load_profile("demo")
+    api = ApiParams(
+        "served", "http://127.0.0.1:8000/v1", "MY_SERVER_KEY", None, 4, 2, 60, None, None, None, None, {}, 0.0
+    )
+    served = dataclasses.replace(demo, infer=dataclasses.replace(demo.infer, backend="openai", api=api))
+    monkeypatch.setenv("MY_SERVER_KEY", "secret-1")
+    assert runner.calls_api("infer", served) and not runner.calls_api("infer", demo)
+    assert runner.calls_api("synthesize", demo) and not runner.calls_api("evaluate", served)
+    assert runner.passed_environment("infer", served)["MY_SERVER_KEY"] == "secret-1"
+    for stage in ("synthesize", "evaluate", None):  # the infer key is for infer only
+        assert "MY_SERVER_KEY" not in runner.passed_environment(stage, served)
+    assert "MY_SERVER_KEY" not in runner.passed_environment("infer", demo)
 
 
 # A stand-in for .venv/bin/shoptune and .venv/bin/dvc: records its arguments and SHOPTUNE_RUNNER.
