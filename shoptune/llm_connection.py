@@ -27,25 +27,10 @@ from shoptune.llm_client import (
     run_requests,
     run_requests_async,
 )
-from shoptune.profile import EndpointParams
+from shoptune.profile import endpoints, is_self_hosted  # noqa: F401 (is_self_hosted: for the stages)
 
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
 log = logging.getLogger("llm")
-
-
-def endpoints(p) -> list[EndpointParams]:
-    """base_url as a list of endpoints, each with its key's variable (a single or null base_url: one)."""
-    listed = p.base_url if isinstance(p.base_url, list) else [p.base_url]
-    out = []
-    for entry in listed:
-        entry = entry if isinstance(entry, EndpointParams) else EndpointParams(entry)
-        out.append(EndpointParams(entry.base_url, entry.api_key_env or p.api_key_env, entry.model))
-    return out
-
-
-def is_self_hosted(p) -> bool:
-    """A server of one's own (a vLLM server): every endpoint named, no Azure api_version."""
-    return not p.api_version and all(e.base_url for e in endpoints(p))
 
 
 def azure_auth(key_env: str, section: str) -> dict:

@@ -30,6 +30,7 @@ from shoptune.profile import (
     Profile,
     SynthesizeParams,
     TinyModelParams,
+    is_self_hosted,
 )
 
 PARAMS_FILE = Path("params.yaml")
@@ -260,8 +261,6 @@ def check_infer(p: InferParams, where: str) -> None:
         return
     if p.api is None:
         raise UserError(f"{where}.api: missing (the openai backend's API: model, base_url, api_key_env, ...)")
-    from shoptune.llm_connection import is_self_hosted
-
     if (p.constrain_choices or p.constrain_number_lists) and not is_self_hosted(p.api):
         raise UserError(
             f"{where}.constrain_choices, constrain_number_lists: answer constraints need a self-hosted "

@@ -28,6 +28,21 @@ class EndpointParams:
     model: str | None = None  # null: the section's model
 
 
+def endpoints(p) -> list[EndpointParams]:
+    """base_url as a list of endpoints, each with its key's variable (a single or null base_url: one)."""
+    listed = p.base_url if isinstance(p.base_url, list) else [p.base_url]
+    out = []
+    for entry in listed:
+        entry = entry if isinstance(entry, EndpointParams) else EndpointParams(entry)
+        out.append(EndpointParams(entry.base_url, entry.api_key_env or p.api_key_env, entry.model))
+    return out
+
+
+def is_self_hosted(p) -> bool:
+    """A server of one's own (a vLLM server): every endpoint named, no Azure api_version."""
+    return not p.api_version and all(e.base_url for e in endpoints(p))
+
+
 @dataclasses.dataclass
 class SynthesizeParams:
     catalog: str

@@ -22,6 +22,7 @@ from pathlib import Path
 from shoptune import UserError, environments, training_launch
 from shoptune.artifacts import write_json
 from shoptune.environments import REPOSITORY, say
+from shoptune.profile import endpoints
 from shoptune.workspace import METRICS, PLOTS, checkpoints_dir, stage_dir
 
 IMAGES = {
@@ -105,8 +106,6 @@ def calls_api(stage: str | None, profile=None) -> bool:
 def key_names(profile, stage: str | None = None) -> set[str]:
     """The variables that hold API keys: the usual names, and those the profile's sections name
     (synthesize.api_key_env, infer.api.api_key_env), or with a stage only that stage's own."""
-    from shoptune.llm_connection import endpoints
-
     names = set(SECRETS)
     if profile is not None and stage in (None, "synthesize"):
         names |= {e.api_key_env for e in endpoints(profile.synthesize)}
