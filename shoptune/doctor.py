@@ -148,7 +148,7 @@ def query_gpus(run=subprocess.run) -> tuple[list[Gpu] | None, str]:
 
 
 def check_gpus(gpus: list[Gpu] | None, why: str, name: str, profile: Profile, stages: list[str]) -> list[Result]:
-    """The GPUs against what the stages need: one for finetune with hardware.train_gpu_memory_gib,
+    """The GPUs against what the stages need: finetune.num_processes for finetune with hardware.train_gpu_memory_gib,
     infer.tensor_parallel_size for inference with the compute capability its dtype and AWQ need
     and hardware.infer_gpu_memory_gib each."""
     hw, infer = profile.hardware, profile.infer
@@ -171,18 +171,28 @@ def check_gpus(gpus: list[Gpu] | None, why: str, name: str, profile: Profile, st
     if not gpus:
         return results
     if "finetune" in wanted and hw.train_gpu_memory_gib:
-        best = max(gpus, key=lambda g: g.memory_mib)
-        ok = best.memory_gib >= hw.train_gpu_memory_gib
+        n = wanted["finetune"]  # finetune.num_processes: one GPU each
+        ranked = sorted(gpus, key=lambda g: g.memory_mib, reverse=True)
+        weakest = ranked[min(n, len(ranked)) - 1]  # the smallest of the n largest
+        ok = len(gpus) >= n and weakest.memory_gib >= hw.train_gpu_memory_gib
+        have = (
+            f"largest GPU {weakest.memory_gib:.2f} GiB"
+            if n == 1
+            else f"{len(gpus)} GPU(s) for finetune.num_processes {n}, the smallest of them {weakest.memory_gib:.2f} GiB"
+        )
+        if len(gpus) < n:
+            fix = f"run finetune on a host with {n} GPUs, or set finetune.num_processes: {len(gpus)}"
+        else:
+            fix = (
+                f"set hardware.train_gpu_memory_gib: {weakest.memory_gib:.2f} and run `make plan` to see "
+                "whether finetune still fits (lower per_device_train_batch_size or max_seq_length if not)"
+            )
         results.append(
             Result(
                 "training GPU",
                 ok,
-                f"largest GPU {best.memory_gib:.2f} GiB; the plan assumes {hw.train_gpu_memory_gib:g} GiB "
-                "(hardware.train_gpu_memory_gib)",
-                ""
-                if ok
-                else f"set hardware.train_gpu_memory_gib: {best.memory_gib:.2f} and run `make plan` to see "
-                "whether finetune still fits (lower per_device_train_batch_size or max_seq_length if not)",
+                f"{have}; the plan assumes {hw.train_gpu_memory_gib:g} GiB (hardware.train_gpu_memory_gib)",
+                "" if ok else fix,
             )
         )
     if "infer" in wanted:

@@ -50,11 +50,19 @@ def stage_needs(c: Context, train: dict) -> dict[str, Stage]:
     checkpoint = train["lora_parameters"] * (4 + train["optimizer_state_bytes_per_parameter"])
     kept = getattr(ft, "save_total_limit", None)
     count = kept + 1 if kept else max(1, ft.max_steps // max(1, ft.save_steps))  # a new one, then the oldest goes
+    n = ft.num_processes  # each a Python with torch; each holds its own offloaded checkpoints
+    each = f" ({n} processes)" if n > 1 else ""
     if c.profile.hardware.train_gpu_memory_gib:
-        ram = RUNTIME_BYTES + train["offloaded_checkpoints_bytes"] + 2 * SHARD_BYTES
-        why = "gradient checkpoints unsloth offloads, a shard read and one written"
+        ram = n * (RUNTIME_BYTES + train["offloaded_checkpoints_bytes"]) + 2 * SHARD_BYTES
+        why = (
+            "gradient checkpoints unsloth offloads, a shard read and one written"
+            if train["offloaded_checkpoints_bytes"]
+            else "a shard read and one written"
+        ) + each
+        if ft.backend == "trl" and RUNTIME_BYTES + merged > ram:  # lora_backends.save_merged
+            ram, why = RUNTIME_BYTES + merged, "the merge: trl's backend reloads the base in 16 bits in host RAM"
     else:
-        ram, why = RUNTIME_BYTES + train["total_bytes"], "training on the CPU"
+        ram, why = n * (RUNTIME_BYTES + train["total_bytes"]), f"training on the CPU{each}"
     stages = {
         "finetune": Stage(
             ram,

@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from shoptune import UserError, params
+from shoptune import UserError, params, training_launch
 from shoptune.host_needs import MODEL_STAGES, VLLM_CPU_KV_BYTES, Stage, cache_copies, needs_of, stage_needs
 from shoptune.inference import serves_awq
 from shoptune.model_shape import (
@@ -228,7 +228,12 @@ def line(check: Check) -> str:
 
 def model_section(c: Context, checks: list[Check]) -> Section:
     s, hw = c.shape, c.profile.hardware
-    train = f"train: 1 GPU x {hw.train_gpu_memory_gib:g} GiB" if hw.train_gpu_memory_gib else "train: CPU"
+    n = c.profile.finetune.num_processes
+    train = (
+        f"train: {n} GPU{'s' if n > 1 else ''} x {hw.train_gpu_memory_gib:g} GiB"
+        if hw.train_gpu_memory_gib
+        else f"train: CPU{f' ({n} processes)' if n > 1 else ''}"
+    )
     infer = (
         f"infer: {hw.infer_gpus} GPU(s) x {hw.infer_gpu_memory_gib:g} GiB, compute capability "
         f"{hw.infer_gpu_compute_capability:g}"
@@ -423,6 +428,17 @@ def inference_section(c: Context, checks: list[Check], data: dict) -> Section:
     return Section(f"inference ({infer.backend}, {'AWQ' if c.quantized else '16-bit'} model, {infer.dtype}):", lines)
 
 
+def training_layout(ft, where: str) -> str:
+    """How finetune spreads over its processes: "one process", "DDP", "FSDP" or "DeepSpeed" (sized as
+    ZeRO-3, the shipped config: a config of ZeRO stage 1 or 2 shards less and needs more)."""
+    if ft.num_processes == 1:
+        return "one process"
+    if ft.accelerate_config is None:
+        return "DDP"
+    kind = training_launch.distributed_type(ft.accelerate_config, f"{where}.finetune.accelerate_config")
+    return training_launch.SHARDING.get(kind, "DDP")
+
+
 def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Section, dict]:
     ft, gpu = c.profile.finetune, c.profile.hardware.train_gpu_memory_gib
     lines = []
@@ -435,37 +451,62 @@ def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Secti
             )
         )
         lines.append(line(checks[-1]))
-    train = training_memory(c.shape, ft, bool(gpu), c.where)
+    layout = training_layout(ft, c.where)
+    sharded = layout in training_launch.SHARDING.values()
+    train = training_memory(c.shape, ft, bool(gpu), c.where, sharded)
+    train["layout"] = layout
     data["training"] = train
-    p = train["parts"]
+    p, n = train["parts"], ft.num_processes
     kind = "QLoRA, NF4 base" if ft.load_in_4bit else "LoRA, 16-bit base" if gpu else "LoRA on the CPU"
+    where = ("GPU" if gpu else "host RAM") if n == 1 else f"each of {n} GPUs" if gpu else f"{n} processes in host RAM"
+    if n > 1:
+        lines.append(
+            f"{ft.backend}, {n} processes, {layout}: "
+            + (
+                f"weights, LoRA and optimizer state divided by {n}, two layers and the embeddings gathered whole"
+                if sharded
+                else "a whole model per process, the LoRA gradients averaged each step"
+            )
+        )
     lines.append(
-        f"base {size(p['base_weights'])} + LoRA {size(p['lora'])} (r={ft.lora_r}: "
-        f"{train['lora_parameters'] / 1e6:.1f}M parameters, their gradients and {ft.optim} state)"
+        f"base {size(p['base_weights'])}"
+        + (f" + gathered {size(p['gathered_weights'])}" if sharded else "")
+        + f" + LoRA {size(p['lora'])} (r={ft.lora_r}: {train['lora_parameters'] / 1e6:.1f}M parameters, their "
+        f"gradients and {ft.optim} state{', divided' if sharded else ''})"
     )
     lines.append(
         f"+ activations {size(p['activations'])} + logits {size(p['logits'])}"
         + (f" + CUDA and allocator {size(p['overhead'])}" if gpu else "")
         + f" = {size(train['total_bytes'])}"
+        + (" per process" if n > 1 else "")
     )
+    rows = ft.per_device_train_batch_size * ft.gradient_accumulation_steps * n
     lines.append(
         f"batch {ft.per_device_train_batch_size} x max_seq_length {ft.max_seq_length} = {train['tokens_per_step']:,} "
-        "tokens per step"
-        + (f"; gradient checkpoints offloaded to host RAM: {size(train['offloaded_checkpoints_bytes'])}" if gpu else "")
+        f"tokens per forward; {rows} rows per optimizer step"
+        + (
+            f"; gradient checkpoints offloaded to host RAM: {size(train['offloaded_checkpoints_bytes'])}"
+            if train["offloaded_checkpoints_bytes"]
+            else ""
+        )
     )
     if gpu:
         total, limit = train["total_bytes"], gpu * GIB
+        advice = "lower finetune.per_device_train_batch_size or max_seq_length"
+        if sharded:
+            advice += ", or raise finetune.num_processes"
+        elif ft.backend == "trl":
+            advice += f", or shard the model over GPUs ({training_launch.CONFIGS}/fsdp_qlora.yaml)"
         check = Check(
             "training memory",
             total <= limit,
-            f"{size(total)} of the training GPU's {gpu:g} GiB ({size(limit - total)} spare)"
+            f"{size(total)} of {'each' if n > 1 else 'the'} training GPU's {gpu:g} GiB ({size(limit - total)} spare)"
             if total <= limit
-            else f"finetune needs {size(total)} on a GPU of {gpu:g} GiB (lower finetune.per_device_train_batch_size "
-            "or max_seq_length)",
+            else f"finetune needs {size(total)} on {'each' if n > 1 else 'a'} GPU of {gpu:g} GiB ({advice})",
         )
         checks.append(check)
         lines.append(line(check))
-    return Section(f"training (finetune: {kind}, {'GPU' if gpu else 'host RAM'}):", lines), train
+    return Section(f"training (finetune: {kind}, {where}):", lines), train
 
 
 def host_section(c: Context, stages: dict[str, Stage], cache: tuple[str | None, bool], base_cached: bool, checks, data):

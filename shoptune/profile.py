@@ -217,7 +217,7 @@ class HardwareParams:
     no stage's params in dvc.yaml name it, so changing it reruns nothing. Memory in GiB as
     nvidia-smi's memory.total and /proc/meminfo report it."""
 
-    train_gpu_memory_gib: float | None  # the one GPU finetune trains on; null: training on the CPU
+    train_gpu_memory_gib: float | None  # each GPU finetune trains on (finetune.num_processes of them); null: the CPU
     infer_gpus: int  # GPUs vLLM shards the model over; 0: inference on the CPU
     infer_gpu_memory_gib: float | None  # each inference GPU's memory (null with infer_gpus 0)
     infer_gpu_compute_capability: float | None  # e.g. 7.5 for a T4: no bfloat16 below 8.0

@@ -53,6 +53,20 @@ def test_too_few_gpus_bfloat16_on_a_t4_and_a_small_training_gpu_fail_with_a_fix(
     assert results(a6000, profile(), ["finetune"])["training GPU"].ok
 
 
+def test_finetune_wants_one_gpu_per_process_each_as_large_as_planned():
+    paper = profile()
+    four = dataclasses.replace(paper, finetune=dataclasses.replace(paper.finetune, num_processes=4))
+    a6000 = "NVIDIA RTX A6000, 8.6, 49140 MiB"
+    two = results(doctor.parse_nvidia_smi("\n".join([a6000] * 2)), four, ["finetune"])["training GPU"]
+    assert not two.ok and "2 GPU(s) for finetune.num_processes 4" in two.detail
+    assert two.fix == "run finetune on a host with 4 GPUs, or set finetune.num_processes: 2"
+    mixed = doctor.parse_nvidia_smi("\n".join([a6000, T4, "NVIDIA A100-SXM4-80GB, 8.0, 81920 MiB", a6000, T4]))
+    small = results(mixed, four, ["finetune"])["training GPU"]  # the fourth largest is a T4
+    assert not small.ok and "the smallest of them 15.00 GiB" in small.detail
+    assert "hardware.train_gpu_memory_gib: 15.00" in small.fix
+    assert results(doctor.parse_nvidia_smi("\n".join([a6000] * 4)), four, ["finetune"])["training GPU"].ok
+
+
 def test_no_nvidia_smi_is_one_fail_with_its_fix():
     (result,) = doctor.check_gpus(None, "nvidia-smi not found", "paper", profile(), list(doctor.STAGES))
     assert not result.ok and "nvidia-smi not found" in result.detail and "infer 4" in result.detail

@@ -124,6 +124,57 @@ def test_quantize_fits_the_paper_host_with_its_layer_by_layer_check(qwen2_72b):
     assert 135 * GIB < result.stages["quantize"].ram_bytes < 160 * GIB
 
 
+def training_plan(qwen2_72b, gpu_gib, **finetune):
+    paper = profile()
+    changed = dataclasses.replace(
+        paper,
+        finetune=dataclasses.replace(paper.finetune, **finetune),
+        hardware=dataclasses.replace(paper.hardware, train_gpu_memory_gib=gpu_gib),
+    )
+    return plan.make_plan("paper", changed, model_shape.read_config(qwen2_72b), str(qwen2_72b))
+
+
+def test_fsdp_shards_72b_qlora_over_24_gb_gpus_where_one_process_and_ddp_do_not_fit(qwen2_72b):
+    """trl's QLoRA of Qwen2-72B: one 24 GB card cannot hold the 38 GiB NF4 base, nor can DDP (a
+    whole model per GPU); FSDP over 8 divides the base and the LoRA state by 8 and gathers two
+    layers and the embeddings whole, which fits at batch 1."""
+    fsdp = "configs/accelerate/fsdp_qlora.yaml"
+    one = training_plan(qwen2_72b, 23.5, backend="trl", per_device_train_batch_size=1)
+    ddp = training_plan(qwen2_72b, 23.5, backend="trl", per_device_train_batch_size=1, num_processes=8)
+    sharded = training_plan(
+        qwen2_72b, 23.5, backend="trl", per_device_train_batch_size=1, num_processes=8, accelerate_config=fsdp
+    )
+    memory = {name: {c.name: c for c in p.checks}["training memory"] for name, p in (("one", one), ("ddp", ddp))}
+    assert not memory["one"].ok
+    assert "or shard the model over GPUs (configs/accelerate/fsdp_qlora.yaml)" in memory["one"].detail
+    assert not memory["ddp"].ok and "on each GPU of 23.5 GiB" in memory["ddp"].detail
+    assert sharded.failures == [], sharded.failures
+    parts = {name: p.data["training"]["parts"] for name, p in (("one", one), ("ddp", ddp), ("fsdp", sharded))}
+    assert parts["fsdp"]["base_weights"] == pytest.approx(parts["one"]["base_weights"] / 8, abs=1)
+    assert parts["ddp"]["base_weights"] == parts["one"]["base_weights"] and parts["ddp"]["gathered_weights"] == 0
+    assert parts["ddp"]["lora"] > parts["one"]["lora"] > parts["fsdp"]["lora"]  # DDP's buckets; a shard each
+    assert sharded.data["training"]["layout"] == "FSDP" and ddp.data["training"]["layout"] == "DDP"
+    text = plan.render(sharded)
+    assert "training (finetune: QLoRA, NF4 base, each of 8 GPUs):" in text
+    assert "trl, 8 processes, FSDP: weights, LoRA and optimizer state divided by 8" in text
+    assert "1 x max_seq_length 2048 = 2,048 tokens per forward; 32 rows per optimizer step" in text
+    assert "train: 8 GPUs x 23.5 GiB" in text
+
+
+def test_unsloth_offloads_its_checkpoints_to_host_ram_and_trl_merges_there(qwen2_72b):
+    """unsloth keeps each layer's input in host RAM (per process), trl on the GPU; trl's merge
+    reloads the base in 16 bits in host RAM, which is finetune's peak for a 72B model."""
+    unsloth = training_plan(qwen2_72b, 47.5, num_processes=2)
+    trl = training_plan(qwen2_72b, 47.5, backend="trl")
+    offloaded = unsloth.data["training"]["offloaded_checkpoints_bytes"]
+    assert offloaded == 80 * 2 * 2048 * 8192 * 2 and trl.data["training"]["offloaded_checkpoints_bytes"] == 0
+    runtime, shard = host_needs.RUNTIME_BYTES, host_needs.SHARD_BYTES
+    assert unsloth.stages["finetune"].ram_bytes == 2 * (runtime + offloaded) + 2 * shard
+    assert trl.stages["finetune"].ram_bytes == host_needs.RUNTIME_BYTES + model_shape.dense_bytes(shape())
+    assert "trl's backend reloads the base in 16 bits" in trl.stages["finetune"].ram_why
+    assert trl.data["training"]["parts"]["logits"] > 3 * unsloth.data["training"]["parts"]["logits"]
+
+
 def test_bfloat16_on_a_t4_fails(qwen2_72b):
     paper = profile()
     paper = dataclasses.replace(paper, infer=dataclasses.replace(paper.infer, dtype="bfloat16"))
