@@ -59,6 +59,9 @@ def stage_needs(c: Context, train: dict) -> dict[str, Stage]:
             if train["offloaded_checkpoints_bytes"]
             else "a shard read and one written"
         ) + each
+        if train["offloaded_weights_bytes"]:
+            ram += train["offloaded_weights_bytes"]
+            why = f"the weights offloaded to host RAM, {why}"
         if ft.backend == "trl" and RUNTIME_BYTES + merged > ram:  # lora_backends.save_merged
             ram, why = RUNTIME_BYTES + merged, "the merge: trl's backend reloads the base in 16 bits in host RAM"
     else:

@@ -431,10 +431,8 @@ def inference_section(c: Context, checks: list[Check], data: dict) -> Section:
 def training_layout(ft, where: str) -> str:
     """How finetune spreads over its processes: "one process", "DDP", "FSDP" or "DeepSpeed" (sized as
     ZeRO-3, the shipped config: a config of ZeRO stage 1 or 2 shards less and needs more)."""
-    if ft.num_processes == 1:
-        return "one process"
     if ft.accelerate_config is None:
-        return "DDP"
+        return "one process" if ft.num_processes == 1 else "DDP"
     kind = training_launch.distributed_type(ft.accelerate_config, f"{where}.finetune.accelerate_config")
     return training_launch.SHARDING.get(kind, "DDP")
 
@@ -453,26 +451,30 @@ def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Secti
         lines.append(line(checks[-1]))
     layout = training_layout(ft, c.where)
     sharded = layout in training_launch.SHARDING.values()
-    train = training_memory(c.shape, ft, bool(gpu), c.where, sharded)
+    offload = sharded and training_launch.offloads_weights(
+        ft.accelerate_config, f"{c.where}.finetune.accelerate_config"
+    )
+    train = training_memory(c.shape, ft, bool(gpu), c.where, sharded, offload)
     train["layout"] = layout
     data["training"] = train
     p, n = train["parts"], ft.num_processes
     kind = "QLoRA, NF4 base" if ft.load_in_4bit else "LoRA, 16-bit base" if gpu else "LoRA on the CPU"
     where = ("GPU" if gpu else "host RAM") if n == 1 else f"each of {n} GPUs" if gpu else f"{n} processes in host RAM"
-    if n > 1:
-        lines.append(
-            f"{ft.backend}, {n} processes, {layout}: "
-            + (
-                f"weights, LoRA and optimizer state divided by {n}, two layers and the embeddings gathered whole"
-                if sharded
-                else "a whole model per process, the LoRA gradients averaged each step"
-            )
-        )
+    if n > 1 or sharded:
+        if offload:
+            how = f"the weights in host RAM ({size(train['offloaded_weights_bytes'])}) between uses"
+        elif sharded:
+            how = f"weights, LoRA and optimizer state divided by {n}"
+        else:
+            how = "a whole model per process, the LoRA gradients averaged each step"
+        if sharded:
+            how += ", two layers and the embeddings gathered whole"
+        lines.append(f"{ft.backend}, {n} process{'es' if n > 1 else ''}, {layout}: {how}")
     lines.append(
         f"base {size(p['base_weights'])}"
         + (f" + gathered {size(p['gathered_weights'])}" if sharded else "")
         + f" + LoRA {size(p['lora'])} (r={ft.lora_r}: {train['lora_parameters'] / 1e6:.1f}M parameters, their "
-        f"gradients and {ft.optim} state{', divided' if sharded else ''})"
+        f"gradients and {ft.optim} state{', divided' if sharded and n > 1 else ''})"
     )
     lines.append(
         f"+ activations {size(p['activations'])} + logits {size(p['logits'])}"

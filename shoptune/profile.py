@@ -114,7 +114,8 @@ class FinetuneParams:
     # trl's SFTTrainer with a peft LoRA and no unsloth (the one FSDP and DeepSpeed can shard); N processes
     # (one per GPU; on a CPU, each a share of the cores) under `accelerate launch`, each with
     # per_device_train_batch_size x gradient_accumulation_steps rows a step; an accelerate config file
-    # (configs/accelerate/: ddp, fsdp_qlora, deepspeed_zero3) for N > 1, null: plain data parallel.
+    # (configs/accelerate/: ddp, fsdp_qlora, deepspeed_zero3) for N > 1 or a sharding one for N = 1 (its offload
+    # to host RAM); null: plain data parallel.
     backend: str = "unsloth"  # unsloth | trl
     num_processes: int = 1
     accelerate_config: str | None = None

@@ -5,6 +5,10 @@
                                     [--config_file configs/accelerate/X.yaml | --multi_gpu]
                                     -m stages.finetune --profile P
 
+One process goes through accelerate too when its config shards (FSDP, DeepSpeed): on one GPU that
+is how their offload to host RAM (fsdp_offload_params, offload_param_device) trains a model larger
+than the GPU, and how a one-GPU host checks those configs.
+
 On GPUs each process drives one GPU (NCCL): plain data parallel with no config file or
 configs/accelerate/ddp.yaml, the model sharded with fsdp_qlora.yaml or deepspeed_zero3.yaml
 (backend trl only: unsloth trains a whole model per GPU). Without a GPU the N processes share the
@@ -43,12 +47,12 @@ def check(p, where: str) -> None:
         raise UserError(f"{where}.num_processes: expected an integer of at least 1, got {p.num_processes}")
     if p.accelerate_config is None:
         return
-    if p.num_processes == 1:
-        raise UserError(
-            f"{where}.accelerate_config: {p.accelerate_config} is for num_processes > 1 "
-            "(one process is not launched through accelerate); set it to null or raise num_processes"
-        )
     kind = distributed_type(p.accelerate_config, f"{where}.accelerate_config")
+    if p.num_processes == 1 and kind not in SHARDING:
+        raise UserError(
+            f"{where}.accelerate_config: {p.accelerate_config} ({kind}) is for num_processes > 1 "
+            "(one process of data parallel is plain training); set it to null or raise num_processes"
+        )
     if kind in SHARDING and p.backend != "trl":
         raise UserError(
             f"{where}.accelerate_config: {p.accelerate_config} shards the model ({SHARDING[kind]}), which needs "
@@ -58,6 +62,19 @@ def check(p, where: str) -> None:
 
 def distributed_type(config: str, where: str) -> str:
     """The `distributed_type` of an accelerate config file (MULTI_GPU, FSDP, DEEPSPEED ...)."""
+    return read_config(config, where)["distributed_type"].upper()
+
+
+def offloads_weights(config: str, where: str) -> bool:
+    """Whether a sharding config keeps the weights in host RAM between uses (FSDP's
+    fsdp_offload_params, ZeRO-3's offload_param_device: cpu)."""
+    data = read_config(config, where)
+    fsdp, zero = data.get("fsdp_config") or {}, data.get("deepspeed_config") or {}
+    return fsdp.get("fsdp_offload_params") is True or str(zero.get("offload_param_device", "none")).lower() == "cpu"
+
+
+def read_config(config: str, where: str) -> dict:
+    """An accelerate config file inside the repository, as a mapping with a distributed_type."""
     path = Path(config)
     if path.is_absolute():
         raise UserError(f"{where}: {config}: give a path inside the repository (containers see only that)")
@@ -70,13 +87,13 @@ def distributed_type(config: str, where: str) -> str:
         raise UserError(f"{where}: {config}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("distributed_type"), str):
         raise UserError(f"{where}: {config}: not an accelerate config (no distributed_type)")
-    return data["distributed_type"].upper()
+    return data
 
 
 def command(python: str, stage_args: list[str], p) -> list[str]:
     """The finetune stage's command line for its settings `p` (FinetuneParams), run with `python`."""
     stage = ["-m", "stages.finetune", *stage_args]
-    if p.num_processes == 1:
+    if p.num_processes == 1 and p.accelerate_config is None:
         return [python, *stage]
     launch = [python, *LAUNCHER, "--num_processes", str(p.num_processes)]
     if p.accelerate_config is not None:

@@ -62,7 +62,9 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: i
     return (tokens * per_token + matrix) * act_bytes
 
 
-def training_memory(shape: ModelShape, finetune, on_gpu: bool, where: str, sharded: bool = False) -> dict:
+def training_memory(
+    shape: ModelShape, finetune, on_gpu: bool, where: str, sharded: bool = False, offload: bool = False
+) -> dict:
     """Memory of (Q)LoRA training, by part, in bytes, for one process (one GPU, or the CPU's share).
 
     On a GPU: the base in NF4 if load_in_4bit (embeddings, lm_head, norms in 16 bits), else 16-bit;
@@ -74,6 +76,8 @@ def training_memory(shape: ModelShape, finetune, on_gpu: bool, where: str, shard
     `sharded` (FSDP or ZeRO-3 over finetune.num_processes GPUs): weights, LoRA state and optimizer
     state divided by the process count; while computing, two decoder layers gathered whole (the one
     running and the one prefetched) and the unwrapped rest (embeddings, lm_head, norms) in full.
+    `offload` (a sharding config that keeps the weights in host RAM between uses): no base on the
+    GPU but what is gathered; the whole base, over all processes, in host RAM instead.
     On a CPU: the base in its own dtype, no checkpointing (every layer's activations kept), float32
     logits with their softmax and gradient."""
     groups = parameter_groups(shape)
@@ -85,9 +89,10 @@ def training_memory(shape: ModelShape, finetune, on_gpu: bool, where: str, shard
         per_weight = 2 if on_gpu else DTYPE_BYTES.get(shape.dtype, 4)
         linear, other = groups["linear"] * per_weight, groups["other"] * per_weight
     base = linear + other
+    in_host_ram = base if offload and sharded else 0
     gathered = 0
-    if shard > 1:
-        base = -(-base // shard)
+    if sharded and (shard > 1 or offload):
+        base = 0 if offload else -(-base // shard)
         gathered = 2 * linear // shape.num_hidden_layers + other
     lora = lora_parameters(shape, finetune.lora_r, finetune.target_modules, f"{where}.finetune.target_modules")
     optimizer = OPTIMIZER_STATE_BYTES.get(finetune.optim, 8)
@@ -129,5 +134,6 @@ def training_memory(shape: ModelShape, finetune, on_gpu: bool, where: str, shard
         "lora_parameters": lora,
         "optimizer_state_bytes_per_parameter": optimizer,
         "offloaded_checkpoints_bytes": offloaded,
+        "offloaded_weights_bytes": in_host_ram,
         "tokens_per_step": tokens,
     }

@@ -9,8 +9,15 @@ environments, each with its own code:
   infer     vLLM, quantization=awq, dtype float16 (as on a T4), constrained multiple choice
   evaluate  the ShopBench scores
 then infer runs again with the transformers backend on the padded 16-bit model, and the two
-backends' answers are compared. Prints a JSON summary; exits non-zero when a stage fails, a
-multiple-choice answer is not an option's number, or the AWQ check finds NaN.
+backends' answers are compared. Then the training layouts of README "Scaling out" run the
+same QLoRA steps, each as its own profile (`shoptune run finetune`):
+  trl           the trl backend (transformers + bitsandbytes NF4 stored in bf16, peft), one process
+  trl_fsdp      trl under configs/accelerate/fsdp_qlora.yaml, one process per GPU (one GPU: one)
+  trl_zero3     trl under configs/accelerate/deepspeed_zero3.yaml, when the train environment
+                has deepspeed (not in its locks: reported as not run otherwise)
+  unsloth_ddp   unsloth, one process per GPU, with two GPUs or more
+Prints a JSON summary; exits non-zero when a stage or a layout fails, a multiple-choice answer
+is not an option's number, or the AWQ check finds NaN.
 
     make gpu-check [RUNNER=docker|local] [GPU_CHECK_TP=1]
 """
@@ -33,6 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shoptune import environments  # noqa: E402
 from tests.conftest import GIT_IDENTITY, SHARED, copy_repository, git_repository  # noqa: E402
 
 PROFILE = "gpucheck"
@@ -53,6 +61,51 @@ def gpu_profile(demo: dict, tensor_parallel_size: int) -> dict:
         constrain_choices=True,
     )
     return profile
+
+
+def training_layouts(gpus: int, has_deepspeed: bool) -> dict[str, dict | None]:
+    """The finetune settings of each layout the check trains; None: not run on this host."""
+    processes = max(1, min(gpus, 2))
+    return {
+        "trl": {"backend": "trl"},
+        "trl_fsdp": {
+            "backend": "trl",
+            "num_processes": processes,
+            "accelerate_config": "configs/accelerate/fsdp_qlora.yaml",
+        },
+        "trl_zero3": {
+            "backend": "trl",
+            "num_processes": processes,
+            "accelerate_config": "configs/accelerate/deepspeed_zero3.yaml",
+        }
+        if has_deepspeed
+        else None,
+        "unsloth_ddp": {"num_processes": 2} if gpus >= 2 else None,
+    }
+
+
+def train_layouts(folder: Path, params: dict, gpus: int, runner: str) -> dict:
+    """Each layout's finetune on the gpucheck profile's dataset: its metrics and time, or why not run."""
+    has_deepspeed = any(pin.name == "deepspeed" for pin in environments.read_lock("train", "cuda"))
+    layouts = training_layouts(gpus, has_deepspeed)
+    for name, changes in layouts.items():
+        if changes is not None:
+            profile = json.loads(json.dumps(params["profiles"][PROFILE]))
+            profile["finetune"].update(changes)
+            params["profiles"][name] = profile
+            shutil.copytree(folder / "runs" / PROFILE / "dataset", folder / "runs" / name / "dataset")
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    results: dict = {}
+    for name, changes in layouts.items():
+        if changes is None:
+            why = "deepspeed is not in docker/train/lock-cuda.txt" if name == "trl_zero3" else "needs two GPUs"
+            results[name] = {"run": False, "why": why}
+            continue
+        start = time.perf_counter()
+        sh(".venv/bin/shoptune", "run", "finetune", "--profile", name, cwd=folder, runner=runner)
+        metrics = json.loads((folder / "runs" / name / "finetune" / "metrics.json").read_text())
+        results[name] = {"run": True, **changes, "seconds": round(time.perf_counter() - start, 1), **metrics}
+    return results
 
 
 def sh(*args: str, cwd: Path, runner: str) -> str:
@@ -114,6 +167,7 @@ def main() -> None:
         "not_an_option": len(invalid),
         "awq_vllm_agrees_with_fp16_transformers": round(sum(awq[i] == reference[i] for i in choice) / len(choice), 3),
     }
+    summary["training_layouts"] = train_layouts(folder, params, len(summary["gpus"]), args.runner)
     print(json.dumps(summary, indent=2))
     if args.keep:
         print(f"working copy: {folder}", file=sys.stderr)

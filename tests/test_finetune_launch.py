@@ -82,7 +82,10 @@ def test_every_profile_says_how_it_trains():
     [
         ({"backend": "axolotl"}, r"\.backend: expected one of unsloth, trl, got 'axolotl'"),
         ({"num_processes": 0}, r"\.num_processes: expected an integer of at least 1, got 0"),
-        ({"accelerate_config": "configs/accelerate/ddp.yaml"}, r"\.accelerate_config: .* is for num_processes > 1"),
+        (
+            {"accelerate_config": "configs/accelerate/ddp.yaml"},
+            r"\.accelerate_config: configs/accelerate/ddp.yaml \(MULTI_GPU\) is for num_processes > 1",
+        ),
         ({"num_processes": 2, "accelerate_config": "configs/accelerate/zero.yaml"}, r"zero.yaml: no such file"),
         ({"num_processes": 2, "accelerate_config": "/etc/ddp.yaml"}, r"a path inside the repository"),
         (
@@ -108,6 +111,18 @@ def test_the_sharding_configs_take_the_trl_backend_and_ddp_either(monkeypatch):
             settings(backend="trl", num_processes=2, accelerate_config=str(config.relative_to(ROOT))), "w"
         )
     training_launch.check(settings(num_processes=2, accelerate_config="configs/accelerate/ddp.yaml"), "w")
+
+
+def test_one_process_launches_through_accelerate_when_its_config_shards(monkeypatch):
+    """FSDP or ZeRO-3 on one GPU: their offload to host RAM, or a one-GPU host checking the configs."""
+    monkeypatch.chdir(ROOT)
+    for config in ("fsdp_qlora.yaml", "deepspeed_zero3.yaml"):
+        one = settings(backend="trl", accelerate_config=f"configs/accelerate/{config}")
+        training_launch.check(one, "w")
+        assert training_launch.command("py", ["--profile", "demo"], one)[1:7] == [
+            *["-m", "accelerate.commands.launch", "--num_processes", "1"],
+            *["--config_file", f"configs/accelerate/{config}"],
+        ]
 
 
 # What accelerate 1.15 itself makes of each launch: its own parser and checks, then the environment

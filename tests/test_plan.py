@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shoptune import UserError, host_needs, model_shape, params, plan
 from tests.conftest import ROOT, shoptune
@@ -159,6 +160,28 @@ def test_fsdp_shards_72b_qlora_over_24_gb_gpus_where_one_process_and_ddp_do_not_
     assert "trl, 8 processes, FSDP: weights, LoRA and optimizer state divided by 8" in text
     assert "1 x max_seq_length 2048 = 2,048 tokens per forward; 32 rows per optimizer step" in text
     assert "train: 8 GPUs x 23.5 GiB" in text
+
+
+def test_offloading_the_sharded_weights_moves_them_to_host_ram(qwen2_72b, tmp_path, monkeypatch):
+    """fsdp_offload_params: true, even on one GPU: the NF4 base waits in host RAM, the GPU holds what is
+    gathered; 72B QLoRA then fits one 24 GB card, and the host holds the 38 GiB base."""
+    fsdp = yaml.safe_load((ROOT / "configs/accelerate/fsdp_qlora.yaml").read_text())
+    fsdp["fsdp_config"]["fsdp_offload_params"] = True
+    (tmp_path / "configs/accelerate").mkdir(parents=True)
+    (tmp_path / "configs/accelerate/offload.yaml").write_text(yaml.safe_dump(fsdp))
+    monkeypatch.chdir(tmp_path)
+    one = training_plan(
+        qwen2_72b,
+        23.5,
+        backend="trl",
+        per_device_train_batch_size=1,
+        accelerate_config="configs/accelerate/offload.yaml",
+    )
+    assert one.failures == [], one.failures
+    training = one.data["training"]
+    assert training["parts"]["base_weights"] == 0 and training["layout"] == "FSDP"
+    assert 38 * GIB < training["offloaded_weights_bytes"] < 39 * GIB
+    assert "trl, 1 process, FSDP: the weights in host RAM (38.4 GiB) between uses" in plan.render(one)
 
 
 def test_unsloth_offloads_its_checkpoints_to_host_ram_and_trl_merges_there(qwen2_72b):
