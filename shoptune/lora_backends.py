@@ -34,6 +34,38 @@ def sharded_by() -> str | None:
     return None
 
 
+def shard_on_cpu() -> str | None:
+    """FSDP without a GPU (how CI trains the FSDP path on 2 CPU processes over gloo); what it changed,
+    for the log, or None on a GPU or without FSDP. Three things stand in accelerate 1.15's way:
+    - it keeps the FSDP plugin only for GPU-like distributed types, so on the CPU (MULTI_CPU) the
+      model would quietly train as plain DDP: the plugin is put back;
+    - MULTI_CPU's device is cpu:<rank>, which FSDP refuses as its device_id: the device is `cpu`;
+    - fsdp_sync_module_states (and the cpu_ram_efficient_loading that needs it) broadcasts from a
+      GPU: off, so every process reads the checkpoint itself."""
+    import torch
+
+    if torch.cuda.is_available() or sharded_by() != "fsdp":
+        return None
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
+    changed = [k for k in ("FSDP_SYNC_MODULE_STATES", "FSDP_CPU_RAM_EFFICIENT_LOADING") if os.environ.get(k) == "true"]
+    for key in changed:
+        os.environ[key] = "false"
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+    off = f"; {' and '.join(k.lower() for k in changed)} off (they need a GPU)" if changed else ""
+    return f"FSDP on the CPU over gloo{off}"
+
+
 def trainer_options(backend: str) -> dict:
     """This backend's SFTConfig settings beyond the profile's hyperparameters."""
     import torch
@@ -143,10 +175,37 @@ def gather_adapter(p, trainer, folder: Path) -> Path | None:
     merge reads the model in memory."""
     if p.backend == "unsloth":
         return None
-    if trainer.is_fsdp_enabled:  # checkpoints stay sharded; the adapter is gathered in full
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(folder))
+    if trainer.is_fsdp_enabled:
+        _save_fsdp_adapter(trainer, folder)
+    else:
+        trainer.save_model(str(folder))  # ZeRO-3: gathered in 16 bits (zero3_save_16bit_model)
     return folder
+
+
+def _save_fsdp_adapter(trainer, folder: Path) -> None:
+    """FSDP: the full state dict gathered (every process takes part; the main one receives it, in
+    host RAM, the frozen base included), its adapter entries written by the main process. Not
+    trainer.save_model: peft 0.21 picks the adapter's entries by the model's module names, which
+    under FSDP carry `_fsdp_wrapped_module.` inside every wrapped decoder layer, so it keeps none of
+    them and writes an empty adapter (the merge then gives back the base: seen on CPU FSDP)."""
+    from safetensors.torch import save_file
+
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    name = model.active_adapter
+    adapter = {
+        key.replace(f".{name}.", "."): tensor.contiguous()
+        for key, tensor in state.items()
+        if ".lora_" in key and f".{name}." in key
+    }
+    if not adapter:
+        raise RuntimeError("FSDP: the gathered state dict holds no LoRA weights")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[name].save_pretrained(str(folder))
 
 
 def leave_process_group(trainer) -> None:
@@ -172,7 +231,11 @@ def save_merged(p, model, tokenizer, adapter: Path | None, out: Path) -> None:
         return
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    # Training is over. Under ZeRO-3 from_pretrained would partition the base as it loads (zero.Init,
+    # which every process must join) and refuses a device_map: this process alone loads it whole.
+    unset_hf_deepspeed_config()
     base = AutoModelForCausalLM.from_pretrained(
         str(Path(p.base_model).resolve()), dtype=merged_dtype(), device_map="cpu", local_files_only=True
     )

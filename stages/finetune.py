@@ -44,6 +44,8 @@ def finetune(profile: str) -> None:
         raise UserError(f"{p.base_model}: no model here (params: finetune.base_model; see README, 'Models')")
     data_dir = stage_dir(profile, "dataset")
     lora_backends.import_first(p.backend)  # unsloth: before transformers, trl and peft
+    if cpu_fsdp := lora_backends.shard_on_cpu():
+        log.info(cpu_fsdp)
     import torch
     from datasets import Dataset
     from transformers import set_seed

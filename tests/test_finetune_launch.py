@@ -1,6 +1,6 @@
 """finetune on several processes: the launch command and its settings, accelerate 1.15 reading the
-shipped config files, and (slow) the demo's finetune through the trl backend for real, in one process
-and in two CPU processes over gloo, in a copy of the repository.
+shipped config files, and (slow) the demo's finetune through the trl backend for real, in one process,
+in two CPU processes over gloo (DDP), and in two sharded by FSDP, in a copy of the repository.
 
 The two runs see the same rows per optimizer step: one process with gradient accumulation 4, two
 processes with accumulation 2 each (accelerate hands the micro-batches out in turn, DDP averages the
@@ -212,6 +212,11 @@ def test_accelerate_reads_every_shipped_config(accelerate_reads):
 RUNS = {
     "trl_one": {"num_processes": 1, "gradient_accumulation_steps": 4},
     "trl_two": {"num_processes": 2, "gradient_accumulation_steps": 2},
+    "trl_fsdp": {
+        "num_processes": 2,
+        "gradient_accumulation_steps": 2,
+        "accelerate_config": "configs/accelerate/fsdp_qlora.yaml",
+    },
 }
 SHORT = {"backend": "trl", "max_steps": 4, "save_steps": 2, "warmup_steps": 1}
 
@@ -279,18 +284,32 @@ def test_two_cpu_processes_train_as_one_does_and_the_main_one_writes(project, st
     print(f"\nfinetune, trl, {SHORT['max_steps']} steps of 8 rows on this machine's cores:")
     for name, changes in RUNS.items():
         training = re.search(r"'train_runtime': '([0-9.]+)'", logs[name])
-        print(f"  {changes['num_processes']} process(es): shoptune run {seconds[name]:.1f} s, training {training[1]} s")
+        layout = Path(changes.get("accelerate_config") or "no config").stem
+        print(
+            f"  {name}: {changes['num_processes']} process(es), {layout}: shoptune run {seconds[name]:.1f} s, "
+            f"training {training[1]} s"
+        )
 
     assert "backend trl, 1 process(es): NO" in logs["trl_one"]
     assert "backend trl, 2 process(es): MULTI_CPU" in logs["trl_two"]  # gloo, over accelerate's torchrun launcher
-    assert logs["trl_two"].count("finetune: merged model in") == 1  # the main process alone writes
+    # FSDP for real (not DDP under another name), with what the CPU cannot do switched off and said
+    assert "backend trl, 2 process(es): FSDP" in logs["trl_fsdp"]
+    assert (
+        "FSDP on the CPU over gloo; fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading off"
+        in (logs["trl_fsdp"])
+    )
+    for name in ("trl_two", "trl_fsdp"):
+        assert logs[name].count("finetune: merged model in") == 1  # the main process alone writes
     for log in logs.values():
         assert "unsloth" not in log.lower()  # the trl backend imports no unsloth
 
-    one, two = losses(project, "trl_one"), losses(project, "trl_two")
-    assert [step for step, _ in one] == [step for step, _ in two] == [1, 2, 3, 4]
-    for (_, a), (_, b) in zip(one, two, strict=True):
-        assert b == pytest.approx(a, rel=LOSS_TOLERANCE)
+    one = losses(project, "trl_one")
+    assert [step for step, _ in one] == [1, 2, 3, 4]
+    for name in ("trl_two", "trl_fsdp"):
+        other = losses(project, name)
+        assert [step for step, _ in other] == [1, 2, 3, 4]
+        for (_, a), (_, b) in zip(one, other, strict=True):
+            assert b == pytest.approx(a, rel=LOSS_TOLERANCE), name
     for name in RUNS:
         folder = project / f"runs/{name}/finetune"
         assert loss_chart(project, name).read_text().startswith("<svg")
@@ -305,7 +324,10 @@ def test_two_cpu_processes_train_as_one_does_and_the_main_one_writes(project, st
         assert loaded.returncode == 0, loaded.stderr[-3000:]
         merged = json.loads(loaded.stdout.splitlines()[-1])
         assert merged["dtype"] == "torch.bfloat16" and merged["finite"]  # 16 bits, as unsloth's merged_16bit
-        assert merged["change"] > 0 and merged["eos"] == "<|im_end|>"
+        assert merged["change"] > 0 and merged["eos"] == "<|im_end|>"  # the adapter was not lost on the way
+    # FSDP's adapter, gathered from the shards, is DDP's: the same merged model
+    weights = [(project / f"runs/{n}/finetune/model/model.safetensors").read_bytes() for n in ("trl_two", "trl_fsdp")]
+    assert weights[0] == weights[1]
 
 
 @pytest.mark.slow
