@@ -13,8 +13,7 @@ backends' answers are compared. Then the training layouts of README "Scaling out
 same QLoRA steps, each as its own profile (`shoptune run finetune`):
   trl           the trl backend (transformers + bitsandbytes NF4 stored in bf16, peft), one process
   trl_fsdp      trl under configs/accelerate/fsdp_qlora.yaml, one process per GPU (one GPU: one)
-  trl_zero3     trl under configs/accelerate/deepspeed_zero3.yaml, when the train environment
-                has deepspeed (not in its locks: reported as not run otherwise)
+  trl_zero3     trl under configs/accelerate/deepspeed_zero3.yaml, one process per GPU likewise
   unsloth_ddp   unsloth, one process per GPU, with two GPUs or more
 Prints a JSON summary; exits non-zero when a stage or a layout fails, a multiple-choice answer
 is not an option's number, or the AWQ check finds NaN.
@@ -40,7 +39,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shoptune import environments  # noqa: E402
 from tests.conftest import GIT_IDENTITY, SHARED, copy_repository, git_repository  # noqa: E402
 
 PROFILE = "gpucheck"
@@ -63,7 +61,7 @@ def gpu_profile(demo: dict, tensor_parallel_size: int) -> dict:
     return profile
 
 
-def training_layouts(gpus: int, has_deepspeed: bool) -> dict[str, dict | None]:
+def training_layouts(gpus: int) -> dict[str, dict | None]:
     """The finetune settings of each layout the check trains; None: not run on this host."""
     processes = max(1, min(gpus, 2))
     return {
@@ -77,17 +75,14 @@ def training_layouts(gpus: int, has_deepspeed: bool) -> dict[str, dict | None]:
             "backend": "trl",
             "num_processes": processes,
             "accelerate_config": "configs/accelerate/deepspeed_zero3.yaml",
-        }
-        if has_deepspeed
-        else None,
+        },
         "unsloth_ddp": {"num_processes": 2} if gpus >= 2 else None,
     }
 
 
 def train_layouts(folder: Path, params: dict, gpus: int, runner: str) -> dict:
     """Each layout's finetune on the gpucheck profile's dataset: its metrics and time, or why not run."""
-    has_deepspeed = any(pin.name == "deepspeed" for pin in environments.read_lock("train", "cuda"))
-    layouts = training_layouts(gpus, has_deepspeed)
+    layouts = training_layouts(gpus)
     for name, changes in layouts.items():
         if changes is not None:
             profile = json.loads(json.dumps(params["profiles"][PROFILE]))
@@ -98,8 +93,7 @@ def train_layouts(folder: Path, params: dict, gpus: int, runner: str) -> dict:
     results: dict = {}
     for name, changes in layouts.items():
         if changes is None:
-            why = "deepspeed is not in docker/train/lock-cuda.txt" if name == "trl_zero3" else "needs two GPUs"
-            results[name] = {"run": False, "why": why}
+            results[name] = {"run": False, "why": "needs two GPUs"}
             continue
         start = time.perf_counter()
         sh(".venv/bin/shoptune", "run", "finetune", "--profile", name, cwd=folder, runner=runner)

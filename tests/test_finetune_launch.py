@@ -1,6 +1,7 @@
 """finetune on several processes: the launch command and its settings, accelerate 1.15 reading the
 shipped config files, and (slow) the demo's finetune through the trl backend for real, in one process,
-in two CPU processes over gloo (DDP), and in two sharded by FSDP, in a copy of the repository.
+in two CPU processes over gloo (DDP), and in two sharded by FSDP and by DeepSpeed ZeRO-3, in a copy of
+the repository.
 
 The two runs see the same rows per optimizer step: one process with gradient accumulation 4, two
 processes with accumulation 2 each (accelerate hands the micro-batches out in turn, DDP averages the
@@ -217,6 +218,11 @@ RUNS = {
         "gradient_accumulation_steps": 2,
         "accelerate_config": "configs/accelerate/fsdp_qlora.yaml",
     },
+    "trl_zero3": {
+        "num_processes": 2,
+        "gradient_accumulation_steps": 2,
+        "accelerate_config": "configs/accelerate/deepspeed_zero3.yaml",
+    },
 }
 SHORT = {"backend": "trl", "max_steps": 4, "save_steps": 2, "warmup_steps": 1}
 
@@ -298,14 +304,15 @@ def test_two_cpu_processes_train_as_one_does_and_the_main_one_writes(project, st
         "FSDP on the CPU over gloo; fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading off"
         in (logs["trl_fsdp"])
     )
-    for name in ("trl_two", "trl_fsdp"):
+    assert "backend trl, 2 process(es): DEEPSPEED" in logs["trl_zero3"]  # DeepSpeed's CPU accelerator, gloo
+    for name in ("trl_two", "trl_fsdp", "trl_zero3"):
         assert logs[name].count("finetune: merged model in") == 1  # the main process alone writes
     for log in logs.values():
         assert "unsloth" not in log.lower()  # the trl backend imports no unsloth
 
     one = losses(project, "trl_one")
     assert [step for step, _ in one] == [1, 2, 3, 4]
-    for name in ("trl_two", "trl_fsdp"):
+    for name in ("trl_two", "trl_fsdp", "trl_zero3"):
         other = losses(project, name)
         assert [step for step, _ in other] == [1, 2, 3, 4]
         for (_, a), (_, b) in zip(one, other, strict=True):
