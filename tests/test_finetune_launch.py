@@ -213,6 +213,11 @@ def test_accelerate_reads_every_shipped_config(accelerate_reads):
 RUNS = {
     "trl_one": {"num_processes": 1, "gradient_accumulation_steps": 4},
     "trl_two": {"num_processes": 2, "gradient_accumulation_steps": 2},
+    "trl_fsdp_one": {  # one process through accelerate: FSDP on one GPU (its offload), a one-GPU host's check
+        "num_processes": 1,
+        "gradient_accumulation_steps": 4,
+        "accelerate_config": "configs/accelerate/fsdp_qlora.yaml",
+    },
     "trl_fsdp": {
         "num_processes": 2,
         "gradient_accumulation_steps": 2,
@@ -304,15 +309,16 @@ def test_two_cpu_processes_train_as_one_does_and_the_main_one_writes(project, st
         "FSDP on the CPU over gloo; fsdp_sync_module_states and fsdp_cpu_ram_efficient_loading off"
         in (logs["trl_fsdp"])
     )
+    assert "backend trl, 1 process(es): FSDP" in logs["trl_fsdp_one"]
     assert "backend trl, 2 process(es): DEEPSPEED" in logs["trl_zero3"]  # DeepSpeed's CPU accelerator, gloo
-    for name in ("trl_two", "trl_fsdp", "trl_zero3"):
+    for name in ("trl_two", "trl_fsdp_one", "trl_fsdp", "trl_zero3"):
         assert logs[name].count("finetune: merged model in") == 1  # the main process alone writes
     for log in logs.values():
         assert "unsloth" not in log.lower()  # the trl backend imports no unsloth
 
     one = losses(project, "trl_one")
     assert [step for step, _ in one] == [1, 2, 3, 4]
-    for name in ("trl_two", "trl_fsdp", "trl_zero3"):
+    for name in ("trl_two", "trl_fsdp_one", "trl_fsdp", "trl_zero3"):
         other = losses(project, name)
         assert [step for step, _ in other] == [1, 2, 3, 4]
         for (_, a), (_, b) in zip(one, other, strict=True):
