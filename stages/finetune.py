@@ -44,8 +44,8 @@ def finetune(profile: str) -> None:
         raise UserError(f"{p.base_model}: no model here (params: finetune.base_model; see README, 'Models')")
     data_dir = stage_dir(profile, "dataset")
     lora_backends.import_first(p.backend)  # unsloth: before transformers, trl and peft
-    if cpu_fsdp := lora_backends.shard_on_cpu():
-        log.info(cpu_fsdp)
+    if on_cpu := lora_backends.processes_on_cpu():
+        log.info(on_cpu)
     import torch
     from datasets import Dataset
     from transformers import set_seed
@@ -111,6 +111,8 @@ def finetune(profile: str) -> None:
     last = get_last_checkpoint(str(output_dir))
     if last:
         log.info("resuming from %s", last)
+        if trainer.is_fsdp_enabled and trainer.is_world_process_zero():
+            log.warning(lora_backends.FSDP_RESUME)
     result = trainer.train(resume_from_checkpoint=last)
     val_loss = trainer.evaluate()["eval_loss"] if len(val) else None
 

@@ -11,11 +11,14 @@ gradients), so their loss curves agree to summation order (LOSS_TOLERANCE). The 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -352,3 +355,71 @@ def test_two_processes_with_the_same_seed_give_the_same_curve_and_model(project)
     for name, content in first.items():
         assert (project / "runs/trl_two/finetune" / name).read_bytes() == content, name
     assert (project / "runs/trl_two/finetune/model/model.safetensors").read_bytes() == first_model
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: children, their children ...)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["trl_two", "trl_fsdp", "trl_zero3"])
+def test_a_killed_run_of_two_processes_resumes_from_its_checkpoint(project, name):
+    """Killed (SIGKILL: the launcher and both ranks) once step 2's checkpoint is written, the rerun
+    resumes from it (FSDP: each rank its shard; ZeRO-3: its partitions) and goes on along the curve
+    of the run that was not interrupted (FSDP: from the same weights; its optimizer starts afresh)."""
+    from tests.conftest import HOST_BIN, SHARED
+
+    if not (project / f"runs/{name}/finetune/loss.csv").is_file():  # run alone: no test above has trained it
+        finetune(project, name)
+    finished = losses(project, name)  # the uninterrupted run
+    checkpoints = project / f"runs/{name}/.checkpoints/finetune"
+    command = [str(HOST_BIN / "shoptune"), "run", "finetune", "--profile", name]
+    env = {**os.environ, **SHARED, "SHOPTUNE_RUNNER": "local"}
+    run = subprocess.Popen(
+        command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/checkpoint-2/trainer_state.json")):  # the trainer writes it last
+        assert run.poll() is None, f"finetune ended ({run.returncode}) before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.2)
+    tree = [run.pid, *descendants(run.pid)]  # torchrun starts each rank in a session of its own
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    run.wait()
+    while any(alive(pid) for pid in tree):
+        assert time.monotonic() < deadline, "the killed ranks are still running"
+        time.sleep(0.1)
+
+    log, _ = finetune(project, name)
+    assert re.search(r"resuming from \S+/checkpoint-2", log), log[-3000:]
+    assert "finetune: merged model in" in log
+    resumed = losses(project, name)
+    assert [step for step, _ in resumed] == [1, 2, 3, 4]
+    # step 3's loss is computed on the weights step 2 left: the adapter came back from the checkpoint
+    agree = resumed if name != "trl_fsdp" else resumed[:3]
+    for (_, a), (_, b) in zip(finished, agree, strict=False):
+        assert b == pytest.approx(a, rel=LOSS_TOLERANCE)
+    if name == "trl_fsdp":  # Adam's moments restart under FSDP (lora_backends.FSDP_RESUME): step 4 moves
+        assert "FSDP: resumed with the adapter" in log
+    assert not any(checkpoints.iterdir())  # done: checkpoints removed
