@@ -26,7 +26,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from shoptune import UserError, charts, lora_backends, params, training_launch
+from shoptune import UserError, charts, lora_backends, params, training_launch, training_processes
 from shoptune.artifacts import atomic_dir, atomic_file, dumps, read_jsonl, write_json
 from shoptune.profile import FinetuneParams
 from shoptune.prompts import check_format, training_text
@@ -44,7 +44,7 @@ def finetune(profile: str) -> None:
         raise UserError(f"{p.base_model}: no model here (params: finetune.base_model; see README, 'Models')")
     data_dir = stage_dir(profile, "dataset")
     lora_backends.import_first(p.backend)  # unsloth: before transformers, trl and peft
-    if on_cpu := lora_backends.processes_on_cpu():
+    if on_cpu := training_processes.processes_on_cpu():
         log.info(on_cpu)
     import torch
     from datasets import Dataset
@@ -112,14 +112,14 @@ def finetune(profile: str) -> None:
     if last:
         log.info("resuming from %s", last)
         if trainer.is_fsdp_enabled and trainer.is_world_process_zero():
-            log.warning(lora_backends.FSDP_RESUME)
+            log.warning(training_processes.FSDP_RESUME)
     result = trainer.train(resume_from_checkpoint=last)
     val_loss = trainer.evaluate()["eval_loss"] if len(val) else None
 
     # Outputs, written by the main process alone once every process has handed in its part of the
     # adapter (trl: gathered into the checkpoint folder; FSDP and ZeRO-3 hold a shard each).
     adapter = lora_backends.gather_adapter(p, trainer, output_dir / "adapter")
-    lora_backends.leave_process_group(trainer)
+    training_processes.leave_process_group(trainer)
     if not trainer.is_world_process_zero():
         return
     # The merged 16-bit model, the loss curve, the final metrics.

@@ -420,6 +420,6 @@ def test_a_killed_run_of_two_processes_resumes_from_its_checkpoint(project, name
     agree = resumed if name != "trl_fsdp" else resumed[:3]
     for (_, a), (_, b) in zip(finished, agree, strict=False):
         assert b == pytest.approx(a, rel=LOSS_TOLERANCE)
-    if name == "trl_fsdp":  # Adam's moments restart under FSDP (lora_backends.FSDP_RESUME): step 4 moves
+    if name == "trl_fsdp":  # Adam's moments restart under FSDP (training_processes.FSDP_RESUME): step 4 moves
         assert "FSDP: resumed with the adapter" in log
     assert not any(checkpoints.iterdir())  # done: checkpoints removed
