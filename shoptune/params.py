@@ -38,13 +38,18 @@ PARAMS_FILE = Path("params.yaml")
 TOP_LEVEL_KEYS = {"tiny_model", "profiles"}
 
 
+def read_yaml(path: Path, name: str):
+    """A YAML file's content; a syntax error is one line starting with `name` (the file, or the key naming it)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"{name}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such file (run from the repository root)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, str(path))
     if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict):
         raise UserError(f"{path}: expected a top-level 'profiles' mapping")
     return data

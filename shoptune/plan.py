@@ -428,13 +428,15 @@ def inference_section(c: Context, checks: list[Check], data: dict) -> Section:
     return Section(f"inference ({infer.backend}, {'AWQ' if c.quantized else '16-bit'} model, {infer.dtype}):", lines)
 
 
-def training_layout(ft, where: str) -> str:
+def training_layout(ft, where: str) -> tuple[str, bool]:
     """How finetune spreads over its processes: "one process", "DDP", "FSDP" or "DeepSpeed" (sized as
-    ZeRO-3, the shipped config: a config of ZeRO stage 1 or 2 shards less and needs more)."""
+    ZeRO-3, the shipped config: a config of ZeRO stage 1 or 2 shards less and needs more), and whether
+    a sharding config offloads the weights to host RAM."""
     if ft.accelerate_config is None:
-        return "one process" if ft.num_processes == 1 else "DDP"
-    kind = training_launch.distributed_type(ft.accelerate_config, f"{where}.finetune.accelerate_config")
-    return training_launch.SHARDING.get(kind, "DDP")
+        return ("one process" if ft.num_processes == 1 else "DDP"), False
+    config = training_launch.read_config(ft.accelerate_config, f"{where}.finetune.accelerate_config")
+    layout = training_launch.SHARDING.get(config["distributed_type"].upper(), "DDP")
+    return layout, layout in training_launch.SHARDING.values() and training_launch.offloads_weights(config)
 
 
 def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Section, dict]:
@@ -449,11 +451,8 @@ def training_section(c: Context, checks: list[Check], data: dict) -> tuple[Secti
             )
         )
         lines.append(line(checks[-1]))
-    layout = training_layout(ft, c.where)
+    layout, offload = training_layout(ft, c.where)
     sharded = layout in training_launch.SHARDING.values()
-    offload = sharded and training_launch.offloads_weights(
-        ft.accelerate_config, f"{c.where}.finetune.accelerate_config"
-    )
     train = training_memory(c.shape, ft, bool(gpu), c.where, sharded, offload)
     train["layout"] = layout
     data["training"] = train

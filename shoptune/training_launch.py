@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from shoptune import UserError
+from shoptune.params import read_yaml
 
 BACKENDS = ("unsloth", "trl")
 CONFIGS = Path("configs/accelerate")
@@ -65,11 +64,10 @@ def distributed_type(config: str, where: str) -> str:
     return read_config(config, where)["distributed_type"].upper()
 
 
-def offloads_weights(config: str, where: str) -> bool:
-    """Whether a sharding config keeps the weights in host RAM between uses (FSDP's
-    fsdp_offload_params, ZeRO-3's offload_param_device: cpu)."""
-    data = read_config(config, where)
-    fsdp, zero = data.get("fsdp_config") or {}, data.get("deepspeed_config") or {}
+def offloads_weights(config: dict) -> bool:
+    """Whether a sharding config (read_config's mapping) keeps the weights in host RAM between uses
+    (FSDP's fsdp_offload_params, ZeRO-3's offload_param_device: cpu)."""
+    fsdp, zero = config.get("fsdp_config") or {}, config.get("deepspeed_config") or {}
     return fsdp.get("fsdp_offload_params") is True or str(zero.get("offload_param_device", "none")).lower() == "cpu"
 
 
@@ -81,10 +79,7 @@ def read_config(config: str, where: str) -> dict:
     if not path.is_file():
         known = ", ".join(str(c) for c in sorted(CONFIGS.glob("*.yaml"))) or "none"
         raise UserError(f"{where}: {config}: no such file (shipped: {known})")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{where}: {config}: not valid YAML ({str(err).splitlines()[0]})") from None
+    data = read_yaml(path, f"{where}: {config}")
     if not isinstance(data, dict) or not isinstance(data.get("distributed_type"), str):
         raise UserError(f"{where}: {config}: not an accelerate config (no distributed_type)")
     return data
